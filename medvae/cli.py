@@ -1,0 +1,144 @@
+"""The ``medvae`` command line: parse arguments, call one function, turn user errors into one line.
+
+Heavy imports (torch, MONAI, wandb) happen inside the commands so ``medvae --help`` is instant.
+Set MEDVAE_DEBUG=1 to see the full traceback of an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import click
+
+# Errors a user can fix (bad file, bad value, bad config): reported in one line, exit status 1.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _job(module: str, issue: int):
+    """Import a job module, or exit non-zero saying the command has not landed yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module == err.name or module.startswith(err.name + ".")):
+            raise
+        command = click.get_current_context().info_name
+        click.echo(f"medvae {command}: not available yet (tracked in issue #{issue})", err=True)
+        sys.exit(2)
+
+
+def _run(func, *args, **kwargs):
+    command = click.get_current_context().info_name
+    try:
+        return func(*args, **kwargs)
+    except _USER_ERRORS as err:
+        if os.environ.get("MEDVAE_DEBUG"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the exception text holds
+        click.echo(f"medvae {command}: error: {message}", err=True)
+        sys.exit(1)
+
+
+def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]`` -> (config path or None, overrides)."""
+    config_path = None
+    overrides = list(args)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    stray = [a for a in overrides if "=" not in a]
+    if stray:
+        raise click.UsageError(f"expected key=value overrides after the config file, got {stray[0]!r}")
+    return config_path, overrides
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="medvae3d", prog_name="medvae")
+def cli() -> None:
+    """medvae: train and use 3D VAEs on CT and MRI volumes without the KL blowing up."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train(args: tuple[str, ...]) -> None:
+    """Train a VAE: medvae train [CONFIG.yaml] [key=value ...].
+
+    Works the same under `accelerate launch [options] -m medvae train ...`.
+    """
+    config_path, overrides = _split_config_args(args)
+    job = _job("medvae.train", 4)
+    _run(job.train_from_cli, config_path, overrides)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Export or run folder.")
+@click.option("--num", default=1, show_default=True, type=click.IntRange(min=1), help="Number of scans.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--shape", nargs=3, type=int, default=None, help="Output size D H W in voxels (multiple of the downsampling factor).")
+@click.option("--prior", type=click.Choice(["standard", "fitted"]), default="fitted", show_default=True)
+@click.option("--format", "out_format", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True)
+def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_format) -> None:
+    """Decode latent samples into synthetic scans in real units (HU for CT)."""
+    job = _job("medvae.jobs.generate", 5)
+    _run(job.generate, model_dir=model_dir, num=num, out_dir=out_dir, seed=seed, temperature=temperature,
+         shape=shape, prior=prior, out_format=out_format)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_file", required=True, type=click.Path(path_type=Path), help=".parquet, .npz or .csv")
+@click.option("--sample", is_flag=True, help="Sample the posterior instead of using its mean.")
+@click.option("--spatial-pool", default=None, type=int, help="Also pool to an N^3 grid per channel.")
+@click.option("--latents-dir", default=None, type=click.Path(path_type=Path), help="Write each latent grid as NIfTI here.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--scatter", default=None, type=click.Path(path_type=Path), help="Write a PCA scatter PNG here.")
+@click.argument("inputs", nargs=-1, required=True)
+def embed(model_dir, out_file, sample, spatial_pool, latents_dir, batch_size, scatter, inputs) -> None:
+    """Write deterministic embeddings (posterior means) of volumes."""
+    job = _job("medvae.jobs.embed", 5)
+    _run(job.embed, model_dir=model_dir, out_file=out_file, inputs=list(inputs), sample=sample,
+         spatial_pool=spatial_pool, latents_dir=latents_dir, batch_size=batch_size, scatter=scatter)
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+def reconstruct(model_dir, out_dir, inputs) -> None:
+    """Write reconstructions in the original units and geometry."""
+    job = _job("medvae.jobs.reconstruct", 5)
+    _run(job.reconstruct, model_dir=model_dir, out_dir=out_dir, inputs=list(inputs))
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_file", default=None, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+def evaluate(model_dir, json_file, inputs) -> None:
+    """PSNR, SSIM, MS-SSIM (and MAE in HU for CT), per volume and aggregated."""
+    job = _job("medvae.jobs.evaluate", 5)
+    _run(job.evaluate, model_dir=model_dir, inputs=list(inputs), json_file=json_file)
+
+
+@cli.command()
+@click.option("--config", "config_path", default=None, type=click.Path(path_type=Path),
+              help="Config whose preprocessing to describe (default: built-in defaults).")
+@click.option("--modality", type=click.Choice(["CT", "MR"]), default=None, help="Override the modality.")
+@click.option("--series", default=None, help="SeriesInstanceUID to pick from a DICOM folder holding several.")
+@click.option("--frame", default=None, type=int, help="Frame to pick from a 4D volume.")
+@click.argument("inputs", nargs=-1, required=True)
+def inspect(config_path, modality, series, frame, inputs) -> None:
+    """Shape, spacing, orientation, modality, intensities, and what preprocessing will do."""
+    job = _job("medvae.jobs.inspect", 3)
+    _run(job.inspect, inputs=list(inputs), config_path=config_path, modality=modality, series=series, frame=frame)
+
+
+def main() -> None:
+    cli(prog_name="medvae")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The one typed configuration schema: model, data, loss, train, tracking.
+
+YAML files in ``configs/`` hold values only; the defaults and types live here. Load with
+``load_config(path, ["train.lr=3e-4", ...])``: an unknown key or a wrong type raises ``ConfigError``
+naming the key. Every number that matters has a field with a one-line comment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key."""
+
+
+def _choice(section: str, name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}: {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    out_channels: Optional[int] = None  # None: same as in_channels
+    channels: List[int] = field(default_factory=lambda: [32, 64, 64])  # width per level; 2/3/4 levels = x2/x4/x8
+    num_res_blocks: int = 1  # residual blocks per level
+    latent_channels: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    attention: bool = False  # self-attention at the lowest resolution only
+    attention_heads: int = 1
+    dropout: float = 0.0  # dropout inside residual blocks (a regulariser against overfitting small sets)
+    gradient_checkpointing: bool = False  # recompute residual blocks in backward: less memory, ~30% slower
+    recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward: two fewer tensors per block
+    channels_last: bool = True  # channels_last_3d memory format (faster conv3d)
+
+    def __post_init__(self) -> None:
+        if not 2 <= len(self.channels) <= 4:
+            raise ConfigError(f"model.channels: need 2, 3 or 4 levels, got {list(self.channels)}")
+
+
+@dataclass
+class IntensityConfig:
+    # ct_window: clip a HU window and scale to [0, 1]; mri_percentile: scale percentiles to [0, 1];
+    # zscore: zero mean, unit variance over the foreground. Each has an exact inverse.
+    preset: str = "mri_percentile"
+    window_min: float = -1000.0  # HU mapped to 0 (ct_window)
+    window_max: float = 1000.0  # HU mapped to 1 (ct_window)
+    lower_percentile: float = 0.5  # percentile mapped to 0 (mri_percentile)
+    upper_percentile: float = 99.5  # percentile mapped to 1 (mri_percentile)
+    clip: bool = True  # clip the scaled values to [0, 1] (ct_window, mri_percentile)
+    foreground_threshold: float = 0.0  # voxels above this count as foreground (zscore)
+
+    def __post_init__(self) -> None:
+        _choice("data.intensity", "preset", self.preset, ("ct_window", "mri_percentile", "zscore"))
+        if self.window_max <= self.window_min:
+            raise ConfigError(f"data.intensity.window_max ({self.window_max}) must exceed window_min ({self.window_min})")
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ConfigError(
+                f"data.intensity: need 0 <= lower_percentile < upper_percentile <= 100, "
+                f"got {self.lower_percentile}, {self.upper_percentile}"
+            )
+
+
+@dataclass
+class DataConfig:
+    train: str = "demo"  # a folder, a glob, a CSV or JSON datalist, or "demo" (built-in real MRI)
+    val: Optional[str] = None  # same forms; None: hold out val_fraction of train
+    val_fraction: float = 0.2  # share of train held out for validation when val is None
+    modality: str = "MR"  # CT or MR, when the datalist does not say per row
+    spacing: Optional[List[float]] = None  # target voxel spacing in mm; None keeps each file's own
+    orientation: str = "RAS"
+    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # training crop (D, H, W), voxels
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    batch_size: int = 1  # per process
+    num_workers: int = 0
+    cache: str = "memory"  # none, memory (CacheDataset) or disk (PersistentDataset)
+    on_bad_file: str = "fail"  # fail at the first unreadable file, or skip it and list it in the run folder
+    nonfinite: str = "reject"  # reject volumes with NaN/Inf, or repair them (NaN -> 0, Inf -> clip)
+    frame: Optional[int] = None  # which frame of a 4D file to use; None: refuse 4D input
+    dicom_series: Optional[str] = None  # SeriesInstanceUID to pick from a folder holding several
+
+    def __post_init__(self) -> None:
+        _choice("data", "modality", self.modality, ("CT", "MR"))
+        _choice("data", "cache", self.cache, ("none", "memory", "disk"))
+        _choice("data", "on_bad_file", self.on_bad_file, ("fail", "skip"))
+        _choice("data", "nonfinite", self.nonfinite, ("reject", "repair"))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(f"data.patch_size: need three positive sizes, got {list(self.patch_size)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "l1"  # l1 or mse, averaged over voxels
+    ssim_weight: float = 0.0  # weight of (1 - SSIM) added to the reconstruction term
+    kl_weight: float = 1e-6  # beta at the end of annealing, on the KL summed per volume / voxels
+    kl_schedule: str = "linear"  # constant, linear, sigmoid or cyclical
+    kl_warmup_steps: int = 500  # steps from 0 to kl_weight (linear, sigmoid; per cycle for cyclical)
+    kl_cycle_steps: int = 2000  # cycle length in steps (cyclical)
+    free_bits: float = 0.0  # nats per latent element per channel below which the KL is not penalised
+    prior_std: float = 1.0  # std of the Gaussian prior; > 1 is a wider prior
+    adversarial_weight: float = 0.0  # 0: no discriminator
+    adversarial_loss: str = "hinge"  # hinge or lsgan
+    adversarial_start_step: int = 2000  # discriminator and its loss start here
+    perceptual_weight: float = 0.0  # only networks that need no download; off by default
+
+    def __post_init__(self) -> None:
+        _choice("loss", "reconstruction", self.reconstruction, ("l1", "mse"))
+        _choice("loss", "kl_schedule", self.kl_schedule, ("constant", "linear", "sigmoid", "cyclical"))
+        _choice("loss", "adversarial_loss", self.adversarial_loss, ("hinge", "lsgan"))
+        if self.prior_std <= 0:
+            raise ConfigError(f"loss.prior_std: must be > 0, got {self.prior_std}")
+        if self.kl_weight < 0 or self.free_bits < 0:
+            raise ConfigError("loss.kl_weight and loss.free_bits must be >= 0")
+
+
+@dataclass
+class GuardConfig:
+    enabled: bool = True
+    window: int = 50  # steps in the running statistics of KL and gradient norm
+    spike_factor: float = 10.0  # a value above median * spike_factor (after warm-up) is a spike
+    min_history: int = 10  # steps of history before spikes are judged
+    collapse_kl: float = 1e-3  # KL per element of a channel below this counts as collapsed
+    collapse_steps: int = 1000  # ... for this many consecutive steps
+    on_nonfinite: str = "rollback"  # skip, lower_lr, rollback or abort
+    on_spike: str = "lower_lr"  # skip, lower_lr, rollback or abort
+    lr_factor: float = 0.5  # LR multiplier applied by lower_lr and rollback
+    max_events: int = 20  # abort after this many events ...
+    event_window: int = 200  # ... within this many steps
+
+    def __post_init__(self) -> None:
+        actions = ("skip", "lower_lr", "rollback", "abort")
+        _choice("train.guard", "on_nonfinite", self.on_nonfinite, actions)
+        _choice("train.guard", "on_spike", self.on_spike, actions)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/medvae"  # the run folder
+    max_steps: int = 2000
+    lr: float = 1e-3  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear LR warm-up
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0  # max global gradient norm
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no, fp16 or bf16
+    ema_decay: Optional[float] = None  # e.g. 0.999; None disables EMA weights
+    seed: int = 0
+    val_every: int = 200  # steps between validations
+    checkpoint_every: int = 500  # steps between accelerator.save_state
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: Optional[str] = None  # None, "auto" (latest in output_dir) or a checkpoint path
+    cpu: bool = False  # force CPU processes (gloo) even where CUDA exists
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self) -> None:
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr}")
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: str = "offline"  # online, offline or disabled; offline needs no network
+    project: str = "medvae"
+    run_name: Optional[str] = None
+    log_every: int = 10  # steps between logged scalars
+    preview_every: int = 0  # 0: preview at every validation
+
+    def __post_init__(self) -> None:
+        _choice("tracking", "wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _key_of(err: Exception) -> str:
+    key = getattr(err, "full_key", None)
+    return str(key) if key else "?"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides.
+
+    Raises ``ConfigError`` naming the unknown or mistyped key, and the file it came from.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(Config)
+    source = "defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).is_file():
+                raise ConfigError(f"{path}: config file not found")
+            loaded = OmegaConf.load(path)
+            if loaded is None or not hasattr(loaded, "keys"):
+                loaded = OmegaConf.create({})
+            merged = OmegaConf.merge(merged, loaded)
+        for item in overrides:
+            source = f"override {item!r}"
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        return OmegaConf.to_object(merged)  # builds the dataclasses, running their checks
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}" if source not in str(err) else str(err)) from None
+    except OmegaConfBaseException as err:
+        first_line = str(err).splitlines()[0]
+        key = _key_of(err)
+        if "not in" in first_line:
+            raise ConfigError(f"{source}: unknown key '{key}'") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {first_line}") from None
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict of a Config (for logging and for the run folder's config.yaml)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def to_yaml(config: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,235 @@
+"""The 3D convolutional VAE: encoder, decoder and the model that joins them.
+
+Shapes: input (B, in_channels, D, H, W) with D, H, W divisible by ``downsampling_factor``
+(2 ** (len(channels) - 1)); latent (B, latent_channels, D/f, H/f, W/f).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, run_block
+from medvae.models.posterior import DiagonalGaussian
+
+# The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
+# posterior starts at the prior and the initial KL is near zero whatever the input scale.
+MOMENTS_INIT_SCALE = 0.01
+
+
+@dataclass
+class VAE3DArchitecture:
+    """Everything needed to rebuild a VAE3D; saved as ``config.json`` next to the weights."""
+
+    in_channels: int = 1
+    out_channels: int | None = None  # None: same as in_channels
+    channels: tuple[int, ...] = (32, 64, 64)  # feature width per level; len - 1 downsamplings
+    num_res_blocks: int = 1  # residual blocks per level, in the encoder and in the decoder
+    latent_channels: int = 3
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-6
+    attention: bool = False  # self-attention at the lowest resolution only
+    attention_heads: int = 1
+    dropout: float = 0.0  # dropout inside residual blocks
+    gradient_checkpointing: bool = False  # recompute whole residual blocks in backward
+    recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward (saves two tensors per block)
+    channels_last: bool = True  # channels_last_3d memory format: faster conv3d on CPU and GPU
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        if not 2 <= len(self.channels) <= 4:
+            raise ValueError(f"channels must have 2, 3 or 4 levels (downsampling 2, 4 or 8), got {self.channels}")
+        for width in self.channels:
+            if width % self.norm_num_groups:
+                raise ValueError(f"channel width {width} is not divisible by norm_num_groups {self.norm_num_groups}")
+        for name in ("in_channels", "latent_channels", "num_res_blocks", "attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VAE3DArchitecture":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class VAEOutput(NamedTuple):
+    reconstruction: torch.Tensor  # (B, out_channels, D, H, W)
+    mean: torch.Tensor  # (B, latent_channels, d, h, w), float32
+    logvar: torch.Tensor  # (B, latent_channels, d, h, w), float32
+
+
+class EncoderLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, arch: VAE3DArchitecture, downsample: bool):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(
+            ResBlock(in_ch if i == 0 else out_ch, out_ch, arch.norm_num_groups, arch.norm_eps, arch.dropout, arch.recompute_norm)
+            for i in range(arch.num_res_blocks)
+        )
+        self.downsample = Downsample(out_ch) if downsample else nn.Identity()
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, arch: VAE3DArchitecture, upsample: bool):
+        super().__init__()
+        self.res_blocks = nn.ModuleList(
+            ResBlock(in_ch if i == 0 else out_ch, out_ch, arch.norm_num_groups, arch.norm_eps, arch.dropout, arch.recompute_norm)
+            for i in range(arch.num_res_blocks)
+        )
+        self.upsample = Upsample(out_ch) if upsample else nn.Identity()
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, D, H, W) -> moments (B, 2 * latent_channels, D/f, H/f, W/f) in float32."""
+
+    def __init__(self, arch: VAE3DArchitecture):
+        super().__init__()
+        self.arch = arch
+        ch = arch.channels
+        self.conv_in = nn.Conv3d(arch.in_channels, ch[0], 3, padding=1)
+        self.levels = nn.ModuleList(
+            EncoderLevel(ch[max(i - 1, 0)], ch[i], arch, downsample=i < len(ch) - 1) for i in range(len(ch))
+        )
+        self.mid = (
+            MidBlock(ch[-1], arch.attention_heads, arch.norm_num_groups, arch.norm_eps, arch.dropout, arch.recompute_norm)
+            if arch.attention
+            else None
+        )
+        self.norm_out = GroupNormSiLU(arch.norm_num_groups, ch[-1], arch.norm_eps, arch.recompute_norm)
+        self.conv_out = nn.Conv3d(ch[-1], 2 * arch.latent_channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv_out.weight.mul_(MOMENTS_INIT_SCALE)
+            self.conv_out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.arch.gradient_checkpointing
+        h = self.conv_in(x)
+        for level in self.levels:
+            for block in level.res_blocks:
+                h = run_block(block, h, ckpt)
+            h = level.downsample(h)
+        if self.mid is not None:
+            h = run_block(self.mid, h, ckpt)
+        h = self.norm_out(h)
+        # The moments are the numbers the KL sees: compute them in float32 even under autocast.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.conv_out(h.float())
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, d, h, w) -> (B, out_channels, d*f, h*f, w*f); output conv in float32."""
+
+    def __init__(self, arch: VAE3DArchitecture):
+        super().__init__()
+        self.arch = arch
+        ch = tuple(reversed(arch.channels))
+        self.conv_in = nn.Conv3d(arch.latent_channels, ch[0], 3, padding=1)
+        self.mid = (
+            MidBlock(ch[0], arch.attention_heads, arch.norm_num_groups, arch.norm_eps, arch.dropout, arch.recompute_norm)
+            if arch.attention
+            else None
+        )
+        self.levels = nn.ModuleList(
+            DecoderLevel(ch[max(i - 1, 0)], ch[i], arch, upsample=i < len(ch) - 1) for i in range(len(ch))
+        )
+        self.norm_out = GroupNormSiLU(arch.norm_num_groups, ch[-1], arch.norm_eps, arch.recompute_norm)
+        self.conv_out = nn.Conv3d(ch[-1], arch.out_channels or arch.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        ckpt = self.arch.gradient_checkpointing
+        h = self.conv_in(z)
+        if self.mid is not None:
+            h = run_block(self.mid, h, ckpt)
+        for level in self.levels:
+            for block in level.res_blocks:
+                h = run_block(block, h, ckpt)
+            h = level.upsample(h)
+        h = self.norm_out(h)
+        # Output voxels in float32: an fp16 output layer can overflow on unnormalised intensities.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return self.conv_out(h.float())
+
+
+class VAE3D(nn.Module):
+    """3D convolutional VAE.
+
+    ``model(x)`` -> ``VAEOutput(reconstruction, mean, logvar)`` (sampling z in training mode, the
+    posterior mean in eval mode unless ``sample_posterior`` says otherwise);
+    ``model.encode(x)`` -> ``DiagonalGaussian``; ``model.decode(z)`` -> voxels.
+    Keyword arguments are the fields of ``VAE3DArchitecture``.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        self.arch = VAE3DArchitecture(**kwargs)
+        self.encoder = Encoder(self.arch)
+        self.decoder = Decoder(self.arch)
+        if self.arch.channels_last:
+            self.to(memory_format=torch.channels_last_3d)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "VAE3D":
+        return cls(**VAE3DArchitecture.from_dict(config).to_dict())
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.arch.to_dict()
+
+    @property
+    def downsampling_factor(self) -> int:
+        return self.arch.downsampling_factor
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"expected a 5-D tensor (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.arch.in_channels:
+            raise ValueError(f"expected {self.arch.in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+        f = self.downsampling_factor
+        bad = [s for s in x.shape[2:] if s % f]
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} is not divisible by the downsampling factor {f}; "
+                f"pad or crop each of D, H, W to a multiple of {f}"
+            )
+        if self.arch.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return x
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """(B, C, D, H, W) voxels -> posterior over (B, latent_channels, D/f, H/f, W/f)."""
+        moments = self.encoder(self._check_input(x))
+        mean, logvar = moments.chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_channels, d, h, w) latent -> (B, out_channels, d*f, h*f, w*f) voxels."""
+        if z.ndim != 5 or z.shape[1] != self.arch.latent_channels:
+            raise ValueError(f"expected a latent (B, {self.arch.latent_channels}, d, h, w), got shape {tuple(z.shape)}")
+        if self.arch.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        return self.decoder(z)
+
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool | None = None, generator: torch.Generator | None = None
+    ) -> VAEOutput:
+        posterior = self.encode(x)
+        if sample_posterior is None:
+            sample_posterior = self.training
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return VAEOutput(self.decode(z), posterior.mean, posterior.logvar)
