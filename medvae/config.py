@@ -67,6 +67,22 @@ class IntensityConfig:
 
 
 @dataclass
+class AugmentConfig:
+    # Light train-time augmentations, applied to each random crop after intensity normalisation.
+    flip_prob: float = 0.0  # left-right flip; off by default: brains are not mirror symmetric
+    intensity_scale: float = 0.05  # multiply by 1 + f, f uniform in [-intensity_scale, intensity_scale]
+    intensity_shift: float = 0.05  # add o, o uniform in [-intensity_shift, intensity_shift] (normalised units)
+    intensity_prob: float = 0.5  # chance of each intensity augmentation per crop
+
+    def __post_init__(self) -> None:
+        for name in ("flip_prob", "intensity_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"data.augment.{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.intensity_scale < 0 or self.intensity_shift < 0:
+            raise ConfigError("data.augment.intensity_scale and intensity_shift must be >= 0")
+
+
+@dataclass
 class DataConfig:
     train: str = "demo"  # a folder, a glob, a CSV or JSON datalist, or "demo" (built-in real MRI)
     val: Optional[str] = None  # same forms; None: hold out val_fraction of train
@@ -76,6 +92,7 @@ class DataConfig:
     orientation: str = "RAS"
     patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # training crop (D, H, W), voxels
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     batch_size: int = 1  # per process
     num_workers: int = 0
     cache: str = "memory"  # none, memory (CacheDataset) or disk (PersistentDataset)
@@ -99,21 +116,38 @@ class DataConfig:
 class LossConfig:
     reconstruction: str = "l1"  # l1 or mse, averaged over voxels
     ssim_weight: float = 0.0  # weight of (1 - SSIM) added to the reconstruction term
+    ssim_data_range: Optional[float] = None  # intensity range for SSIM's constants; None: the target's max - min
     kl_weight: float = 1e-6  # beta at the end of annealing, on the KL summed per volume / voxels
     kl_schedule: str = "linear"  # constant, linear, sigmoid or cyclical
     kl_warmup_steps: int = 500  # steps from 0 to kl_weight (linear, sigmoid; per cycle for cyclical)
     kl_cycle_steps: int = 2000  # cycle length in steps (cyclical)
+    kl_sigmoid_steepness: float = 10.0  # logistic slope over the warm-up (sigmoid); larger is more step-like
     free_bits: float = 0.0  # nats per latent element per channel below which the KL is not penalised
     prior_std: float = 1.0  # std of the Gaussian prior; > 1 is a wider prior
     adversarial_weight: float = 0.0  # 0: no discriminator
     adversarial_loss: str = "hinge"  # hinge or lsgan
     adversarial_start_step: int = 2000  # discriminator and its loss start here
+    discriminator_channels: int = 32  # width of the first PatchDiscriminator3D layer (doubles per layer, max x8)
+    discriminator_layers: int = 3  # stride-2 layers; input sides must be >= 3 * 2**layers voxels
+    discriminator_norm: str = "group"  # group or none
+    discriminator_spectral_norm: bool = False  # spectral normalisation on every discriminator conv
     perceptual_weight: float = 0.0  # only networks that need no download; off by default
 
     def __post_init__(self) -> None:
         _choice("loss", "reconstruction", self.reconstruction, ("l1", "mse"))
         _choice("loss", "kl_schedule", self.kl_schedule, ("constant", "linear", "sigmoid", "cyclical"))
         _choice("loss", "adversarial_loss", self.adversarial_loss, ("hinge", "lsgan"))
+        _choice("loss", "discriminator_norm", self.discriminator_norm, ("group", "none"))
+        if self.kl_warmup_steps < 0 or self.kl_cycle_steps < 1:
+            raise ConfigError(
+                f"loss: need kl_warmup_steps >= 0 and kl_cycle_steps >= 1, "
+                f"got {self.kl_warmup_steps} and {self.kl_cycle_steps}"
+            )
+        if self.kl_schedule == "cyclical" and self.kl_warmup_steps > self.kl_cycle_steps:
+            raise ConfigError(
+                f"loss.kl_warmup_steps ({self.kl_warmup_steps}) must not exceed kl_cycle_steps "
+                f"({self.kl_cycle_steps}) for the cyclical schedule"
+            )
         if self.prior_std <= 0:
             raise ConfigError(f"loss.prior_std: must be > 0, got {self.prior_std}")
         if self.kl_weight < 0 or self.free_bits < 0:
@@ -126,18 +160,40 @@ class GuardConfig:
     window: int = 50  # steps in the running statistics of KL and gradient norm
     spike_factor: float = 10.0  # a value above median * spike_factor (after warm-up) is a spike
     min_history: int = 10  # steps of history before spikes are judged
+    kl_spike_floor: float = 1.0  # nats per latent element; a KL spike must also exceed floor * spike_factor
+    grad_spike_floor: float = 0.0  # likewise for the gradient norm (0: the median alone decides)
+    scaler_skip_fraction: float = 0.5  # more fp16 steps skipped by the grad scaler than this share of window ...
+    on_scaler_skips: str = "rollback"  # ... is an event with this action (fewer skips are only recorded)
     collapse_kl: float = 1e-3  # KL per element of a channel below this counts as collapsed
     collapse_steps: int = 1000  # ... for this many consecutive steps
     on_nonfinite: str = "rollback"  # skip, lower_lr, rollback or abort
-    on_spike: str = "lower_lr"  # skip, lower_lr, rollback or abort
+    on_spike: str = "rollback"  # skip, lower_lr, rollback or abort
     lr_factor: float = 0.5  # LR multiplier applied by lower_lr and rollback
     max_events: int = 20  # abort after this many events ...
     event_window: int = 200  # ... within this many steps
+    snapshot_every: int = 25  # steps between in-memory copies of the last good state (for rollback)
 
     def __post_init__(self) -> None:
         actions = ("skip", "lower_lr", "rollback", "abort")
         _choice("train.guard", "on_nonfinite", self.on_nonfinite, actions)
         _choice("train.guard", "on_spike", self.on_spike, actions)
+        _choice("train.guard", "on_scaler_skips", self.on_scaler_skips, actions)
+        if self.window < 1 or self.min_history < 1 or self.max_events < 1 or self.event_window < 1:
+            raise ConfigError("train.guard: window, min_history, max_events and event_window must be >= 1")
+        if self.min_history > self.window:
+            raise ConfigError(f"train.guard.min_history ({self.min_history}) must not exceed window ({self.window})")
+        if self.spike_factor <= 1:
+            raise ConfigError(f"train.guard.spike_factor: must be > 1, got {self.spike_factor}")
+        if not 0 < self.lr_factor <= 1:
+            raise ConfigError(f"train.guard.lr_factor: must be in (0, 1], got {self.lr_factor}")
+
+
+@dataclass
+class FaultConfig:
+    # Deliberate faults for testing the guard end to end (chaos testing); all off by default.
+    nan_at_step: Optional[int] = None  # fill this step's batch with NaN voxels
+    lr_spike_at_step: Optional[int] = None  # multiply the LR at this step ...
+    lr_spike_factor: float = 1000.0  # ... by this factor
 
 
 @dataclass
@@ -160,6 +216,7 @@ class TrainConfig:
     resume: Optional[str] = None  # None, "auto" (latest in output_dir) or a checkpoint path
     cpu: bool = False  # force CPU processes (gloo) even where CUDA exists
     guard: GuardConfig = field(default_factory=GuardConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))

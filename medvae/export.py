@@ -80,7 +80,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> V
     config = read_export_config(directory)
     model = VAE3D.from_config(config["model"])
     state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise ValueError(f"{directory / WEIGHTS_NAME}: weights do not match config.json ({first})") from None
     if missing or unexpected:
         raise ValueError(
             f"{directory / WEIGHTS_NAME}: weights do not match config.json "

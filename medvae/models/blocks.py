@@ -1,6 +1,17 @@
-"""Building blocks of the 3D VAE: norm+activation, residual block, down/upsampling, attention.
+"""Building blocks of the 3D VAE: norm+activation+conv, residual block, down/upsampling, attention.
 
 All tensors are (B, C, D, H, W). Pure torch.nn: no files, no configs.
+
+Two things make these blocks faster and leaner than a plain GroupNorm -> SiLU -> Conv3d stack
+(measured in benchmarks/ablate_blocks.py, numbers in benchmarks/RESULTS.md):
+
+- ``norm_silu_conv`` runs GroupNorm, SiLU and the following convolution as one autograd node that
+  keeps only its input (plus per-group mean and 1/std) for backward. The normalised activations
+  are recomputed there with the same kernel, so a residual block stores 2 activation tensors
+  instead of 6 and allocates fewer fresh ones, which on CPU cost page faults.
+- ``Upsample`` computes "nearest x2, then 3x3x3 conv" exactly, as a 2x2x2 conv with 8x the output
+  channels on the coarse grid whose phases are interleaved (sub-pixel form): 8/27 of the flops, and
+  the upsampled tensor is never built. The parameter is still the 3x3x3 kernel.
 """
 
 from __future__ import annotations
@@ -9,6 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def _suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d if ``x`` is laid out that way, else contiguous."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,9 +41,8 @@ def _group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: t
 class GroupNormSiLU(nn.GroupNorm):
     """GroupNorm followed by SiLU.
 
-    With ``recompute=True`` the normalised and activated tensors are not kept for backward: only the
-    input is, and the two cheap elementwise passes are redone in backward. That removes two full
-    activation tensors per block from training memory for a small cost in time.
+    ``recompute=True`` lets ``norm_silu_conv`` keep only this layer's input for backward and redo
+    the normalisation there, instead of storing the normalised and activated tensors.
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-6, recompute: bool = True):
@@ -33,9 +50,135 @@ class GroupNormSiLU(nn.GroupNorm):
         self.recompute = recompute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(_group_norm_silu, x, self.num_groups, self.weight, self.bias, self.eps, use_reentrant=False)
         return _group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _normalise_silu(
+    x: torch.Tensor, norm: GroupNormSiLU, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """silu(group_norm(x)) in ``dtype`` -> (activation, normalised input t, mean, rstd).
+
+    mean and rstd are (B, groups), float32. ``t`` is the group norm output before SiLU (the SiLU is
+    applied in place on a copy only when the dtype changes). Statistics are float32 inside the
+    kernel for every input dtype; fp16 input is normalised in float32 (its squares can overflow).
+    """
+    b, c = x.shape[:2]
+    source = x.float() if x.dtype == torch.float16 else x
+    source = source.contiguous(memory_format=_suggested_format(source))
+    t, mean, rstd = torch.native_group_norm(source, weight, bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+    return t, mean, rstd
+
+
+class _NormSiLUConv(torch.autograd.Function):
+    """conv3d(silu(group_norm(x))) that saves only x, mean and rstd for backward."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, conv_weight, conv_bias, norm, conv, conv_dtype):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            t, mean, rstd = _normalise_silu(x, norm, norm_weight, norm_bias, conv_dtype)
+            activation = F.silu(t, inplace=True).to(conv_dtype)
+            del t
+            y = F.conv3d(
+                activation, conv_weight.to(conv_dtype), None if conv_bias is None else conv_bias.to(conv_dtype),
+                conv.stride, conv.padding,
+            )
+        ctx.save_for_backward(x, norm_weight, norm_bias, conv_weight, mean, rstd)
+        ctx.norm, ctx.conv, ctx.conv_dtype, ctx.has_bias = norm, conv, conv_dtype, conv_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, norm_weight, norm_bias, conv_weight, mean, rstd = ctx.saved_tensors
+        norm, conv, conv_dtype = ctx.norm, ctx.conv, ctx.conv_dtype
+        need_x, need_nw, need_nb, need_cw, need_cb = ctx.needs_input_grad[:5]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # Recompute the normalised input with the forward's kernel: bitwise the same activation.
+            t, _, _ = _normalise_silu(x, norm, norm_weight, norm_bias, conv_dtype)
+            activation = F.silu(t).to(conv_dtype)
+            fmt = _suggested_format(activation)
+            grad_activation, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
+                grad_y.to(conv_dtype).contiguous(memory_format=fmt),
+                activation,
+                conv_weight.to(conv_dtype),
+                [conv_weight.shape[0]] if ctx.has_bias else None,
+                list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1,
+                [need_x or need_nw or need_nb, need_cw, need_cb and ctx.has_bias],
+            )
+            del activation
+            grad_x = grad_nw = grad_nb = None
+            if need_x or need_nw or need_nb:
+                # d silu: written over t, which is not needed afterwards.
+                grad_t = torch.ops.aten.silu_backward.grad_input(grad_activation.to(t.dtype), t, grad_input=t)
+                del grad_activation
+                grad_x, grad_nw, grad_nb = _group_norm_backward(grad_t, x, mean, rstd, norm_weight, norm.num_groups)
+        grad_cw = None if grad_cw is None else grad_cw.to(conv_weight.dtype)
+        grad_cb = None if grad_cb is None else grad_cb.to(conv_weight.dtype)
+        return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
+
+
+def _group_norm_backward(
+    grad_t: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of group_norm(x) w.r.t. x, weight and bias, given d loss / d output ``grad_t``.
+
+    dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)), written as
+    A_c * g + B_c * x + C_c with per-(sample, channel) coefficients from two channel sums. Done with
+    plain tensor ops because PyTorch's channels-last CPU kernel is slow for 1-2 channels per group
+    (and very slow in bf16). ``grad_t`` is overwritten. Coefficients are float32.
+    """
+    b, c = x.shape[:2]
+    per_group = c // groups
+    count = per_group * x[0, 0].numel()
+    dims = (2, 3, 4)
+    xs = x.to(grad_t.dtype)
+    sum_g = grad_t.sum(dims).float()  # (B, C)
+    product = torch.mul(grad_t, xs)
+    sum_gx = product.sum(dims).float()
+    mean_c = mean.float().repeat_interleave(per_group, dim=1)  # (B, C)
+    rstd_c = rstd.float().repeat_interleave(per_group, dim=1)
+    gamma = weight.float()
+    sum_g_xhat = rstd_c * (sum_gx - mean_c * sum_g)  # (B, C): sum over voxels of g * xhat
+    grad_weight = sum_g_xhat.sum(0).to(weight.dtype)
+    grad_bias = sum_g.sum(0).to(weight.dtype)
+    a_g = (gamma * sum_g).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g)
+    b_g = (gamma * sum_g_xhat).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g * xhat)
+    b_c = b_g.repeat_interleave(per_group, dim=1)
+    a_c = a_g.repeat_interleave(per_group, dim=1)
+    coef_g = (rstd_c * gamma).to(grad_t.dtype).view(b, c, 1, 1, 1)
+    coef_x = (-rstd_c * rstd_c * b_c).to(grad_t.dtype).view(b, c, 1, 1, 1)
+    const = (rstd_c * (rstd_c * b_c * mean_c - a_c)).to(grad_t.dtype).view(b, c, 1, 1, 1)
+    grad_x = torch.addcmul(const, grad_t, coef_g, out=product)
+    grad_x.addcmul_(xs, coef_x)
+    return grad_x.to(x.dtype), grad_weight, grad_bias
+
+
+def norm_silu_conv(x: torch.Tensor, norm: GroupNormSiLU, conv: nn.Conv3d, float32: bool = False) -> torch.Tensor:
+    """conv(silu(norm(x))): (B, C_in, D, H, W) -> (B, C_out, D', H', W').
+
+    The convolution runs in the autocast dtype, or in float32 when ``float32`` (the model's output
+    convolutions). With ``norm.recompute`` and gradients on, this is one autograd node that stores
+    only ``x`` (see ``_NormSiLUConv``); otherwise the plain modules run one after another.
+    """
+    device = x.device.type
+    if float32 or not torch.is_autocast_enabled(device):
+        conv_dtype = torch.float32 if float32 else conv.weight.dtype
+    else:
+        conv_dtype = torch.get_autocast_dtype(device)
+    if norm.recompute and torch.is_grad_enabled():
+        return _NormSiLUConv.apply(x, norm.weight, norm.bias, conv.weight, conv.bias, norm, conv, conv_dtype)
+    if not torch.is_grad_enabled():  # inference: SiLU in place, one temporary
+        with torch.autocast(device_type=device, enabled=False):
+            t, _, _ = _normalise_silu(x, norm, norm.weight, norm.bias, conv_dtype)
+            activation = F.silu(t, inplace=True).to(conv_dtype)
+            return F.conv3d(
+                activation, conv.weight.to(conv_dtype), None if conv.bias is None else conv.bias.to(conv_dtype),
+                conv.stride, conv.padding,
+            )
+    h = norm(x)
+    if float32:
+        with torch.autocast(device_type=device, enabled=False):
+            return conv(h.float())
+    return conv(h)
 
 
 class ResBlock(nn.Module):
@@ -65,9 +208,13 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
-        h = self.conv2(self.dropout(self.norm2(h)))
-        return self.skip(x) + h
+        h = norm_silu_conv(x, self.norm1, self.conv1)
+        if isinstance(self.dropout, nn.Dropout) and self.training:
+            h = self.conv2(self.dropout(self.norm2(h)))
+        else:
+            h = norm_silu_conv(h, self.norm2, self.conv2)
+        # In place: h is a fresh conv output that nothing saved for backward.
+        return h.add_(self.skip(x))
 
 
 class Downsample(nn.Module):
@@ -81,15 +228,68 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Nearest x2 then a 3-tap kernel w[0..2] (offsets -1, 0, +1) gives, per axis,
+#   y[2i]     = w[0] x[i-1] + (w[1] + w[2]) x[i]
+#   y[2i + 1] = (w[0] + w[1]) x[i] + w[2] x[i+1]
+# i.e. for output phase p a 2-tap kernel _PHASE_TAPS[p] @ w over x[i-1+p], x[i+p].
+_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, tap, k)
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, 3, 3, 3) kernel -> (8 * C_out, C_in, 2, 2, 2), phase-major (autocast off)."""
+    taps = _PHASE_TAPS.to(weight)
+    with torch.autocast(device_type=weight.device.type, enabled=False):
+        w = torch.einsum("pak,qbl,rcm,oiklm->pqroiabc", taps, taps, taps, weight)
+    return w.reshape(8 * weight.shape[0], weight.shape[1], 2, 2, 2)
+
+
+def _phase_view(y8: torch.Tensor) -> torch.Tensor:
+    """(B, 8C, n+1, n+1, n+1) phase-major conv output -> strided view (B, C, n, 2, n, 2, n, 2)
+    whose element [b, c, i, p, j, q, k, r] is output voxel (2i+p, 2j+q, 2k+r): phase (p, q, r)
+    read at offset (i+p, j+q, k+r)."""
+    b, c8, d1, h1, w1 = y8.shape
+    c = c8 // 8
+    sb, sc, sd, sh, sw = y8.stride()
+    size = (b, c, d1 - 1, 2, h1 - 1, 2, w1 - 1, 2)
+    stride = (sb, sc, sd, 4 * c * sc + sd, sh, 2 * c * sc + sh, sw, c * sc + sw)
+    return y8.as_strided(size, stride, y8.storage_offset())
+
+
+class _InterleavePhases(torch.autograd.Function):
+    """(B, 8C, n+1, n+1, n+1) phase outputs -> (B, C, 2n, 2n, 2n), keeping the memory format."""
+
+    @staticmethod
+    def forward(ctx, y8):
+        b, c8, d1, h1, w1 = y8.shape
+        fmt = _suggested_format(y8)
+        out = torch.empty((b, c8 // 8, 2 * (d1 - 1), 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y8.dtype, device=y8.device, memory_format=fmt)
+        out.view(_phase_view(y8).shape).copy_(_phase_view(y8))
+        ctx.y8_shape, ctx.fmt = y8.shape, fmt
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_y8 = torch.zeros(ctx.y8_shape, dtype=grad_out.dtype, device=grad_out.device).contiguous(memory_format=ctx.fmt)
+        view = _phase_view(grad_y8)
+        view.copy_(grad_out.view(view.shape))
+        return grad_y8
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3x3 convolution (no checkerboard from transposed convs)."""
+    """Nearest-neighbour x2 then a 3x3x3 convolution (no checkerboard from transposed convs).
+
+    Computed in sub-pixel form (see ``subpixel_weight``): same result up to float rounding, 8/27 of
+    the flops, and no upsampled tensor in memory. ``conv`` holds the 3x3x3 kernel.
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        weight = subpixel_weight(self.conv.weight)
+        bias = self.conv.bias.repeat(8)
+        return _InterleavePhases.apply(F.conv3d(x, weight, bias, padding=1))
 
 
 class Attention(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, run_block
+from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, norm_silu_conv, run_block
 from medvae.models.posterior import DiagonalGaussian
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
@@ -126,10 +126,8 @@ class Encoder(nn.Module):
             h = level.downsample(h)
         if self.mid is not None:
             h = run_block(self.mid, h, ckpt)
-        h = self.norm_out(h)
         # The moments are the numbers the KL sees: compute them in float32 even under autocast.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.conv_out(h.float())
+        return norm_silu_conv(h, self.norm_out, self.conv_out, float32=True)
 
 
 class Decoder(nn.Module):
@@ -160,10 +158,8 @@ class Decoder(nn.Module):
             for block in level.res_blocks:
                 h = run_block(block, h, ckpt)
             h = level.upsample(h)
-        h = self.norm_out(h)
         # Output voxels in float32: an fp16 output layer can overflow on unnormalised intensities.
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            return self.conv_out(h.float())
+        return norm_silu_conv(h, self.norm_out, self.conv_out, float32=True)
 
 
 class VAE3D(nn.Module):

@@ -1,0 +1,139 @@
+"""MONAI dictionary-transform pipelines, one per phase, in the order of an acquisition protocol.
+
+    load (NIfTI / DICOM, medvae.io)        image: (I, J, K) in the file's units and grid
+    channel first                          image: (1, I, J, K)
+    orientation -> data.orientation (RAS)  axes permuted/flipped, no interpolation
+    spacing -> data.spacing (if set)       trilinear resampling to the target voxel size in mm
+    intensity preset                       HU / scanner units -> network scale; parameters in meta["intensity"]
+    pad to a multiple of the factor        DivisiblePad: to the next multiple only, never more
+    train only:
+      pad up to data.patch_size            volumes smaller than a patch
+      random crop of data.patch_size       (1, D, H, W) with D, H, W = patch_size
+      augmentations                        left-right flip (off by default), small intensity scale and shift
+
+Padding uses the volume's lowest normalised value (air or background), not 0: after a z-score 0 is
+the foreground mean, and padding with tissue-like values would teach the model false edges.
+
+Left-right flips are off by default (``data.augment.flip_prob = 0``): brains are not mirror
+symmetric (language lateralisation, petalia) and a model of real anatomy should not learn mirror
+images. Turn them on for data where handedness carries no meaning.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    DivisiblePad,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Orientationd,
+    Padd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    SpatialPad,
+    Spacingd,
+)
+
+from medvae.config import DataConfig
+from medvae.data.intensity import intensity_transform
+from medvae.data.load import LoadVolumed
+
+PHASES = ("train", "val", "infer")
+KEY = "image"
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medvae affines map voxels to RAS+ mm (nibabel's convention)
+
+
+class PadWithMinimumd(Padd):
+    """``Padd`` whose constant is the image's own minimum (its background after normalisation).
+
+    Invertible like ``Padd``: ``inverse`` crops the padding off again.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, mode in self.key_iterator(d, self.mode):
+            d[key] = self.padder(d[key], mode=mode, value=float(torch.as_tensor(d[key]).min()))
+        return d
+
+
+def check_patch_size(patch_size: list[int] | tuple[int, ...], downsampling_factor: int) -> None:
+    """Raise ValueError naming data.patch_size unless every side is a multiple of the factor."""
+    bad = [int(s) for s in patch_size if int(s) % downsampling_factor]
+    if bad:
+        raise ValueError(
+            f"data.patch_size {list(patch_size)}: every side must be a multiple of the model's "
+            f"downsampling factor {downsampling_factor}"
+        )
+
+
+def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: int) -> Compose:
+    """The pipeline for ``phase`` ("train", "val" or "infer") over items ``{"image": path, "id", "modality"}``.
+
+    Output item: ``image`` (1, D, H, W) float32 MetaTensor (affine in RAS mm; meta keeps
+    ``filename_or_obj``, ``modality``, ``units``, ``intensity``), plus ``id``, ``modality``, ``path``.
+    train: D, H, W = data.patch_size. val/infer: the whole volume padded to the next multiple of
+    ``downsampling_factor``. val and infer are deterministic and invertible (``restore_geometry``).
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    if downsampling_factor < 1:
+        raise ValueError(f"downsampling_factor must be >= 1, got {downsampling_factor}")
+    transforms: list = [
+        LoadVolumed(KEY, series=data_config.dicom_series, frame=data_config.frame, nonfinite=data_config.nonfinite),
+        EnsureChannelFirstd(KEY, channel_dim="no_channel"),
+        Orientationd(KEY, axcodes=data_config.orientation, labels=RAS_LABELS),
+    ]
+    if data_config.spacing is not None:
+        transforms.append(Spacingd(KEY, pixdim=[float(s) for s in data_config.spacing], mode="bilinear"))
+    transforms += [
+        intensity_transform(data_config.intensity, KEY),
+        PadWithMinimumd(KEY, padder=DivisiblePad(k=downsampling_factor)),
+    ]
+    if phase == "train":
+        check_patch_size(data_config.patch_size, downsampling_factor)
+        patch = [int(s) for s in data_config.patch_size]
+        augment = data_config.augment
+        transforms += [
+            PadWithMinimumd(KEY, padder=SpatialPad(spatial_size=patch)),
+            RandSpatialCropd(KEY, roi_size=patch, random_size=False),
+        ]
+        if augment.flip_prob > 0:  # axis 0 is left-right after RAS orientation
+            transforms.append(RandFlipd(KEY, prob=augment.flip_prob, spatial_axis=0))
+        if augment.intensity_scale > 0:  # x * (1 + f), f in [-scale, scale]
+            transforms.append(RandScaleIntensityd(KEY, factors=augment.intensity_scale, prob=augment.intensity_prob))
+        if augment.intensity_shift > 0:  # x + o, o in [-shift, shift], normalised units
+            transforms.append(RandShiftIntensityd(KEY, offsets=augment.intensity_shift, prob=augment.intensity_prob))
+    transforms.append(EnsureTyped(KEY, dtype=torch.float32, track_meta=True))
+    return Compose(transforms)
+
+
+def restore_geometry(prediction: torch.Tensor, sample_image: MetaTensor, transform: Compose) -> MetaTensor:
+    """Undo padding, spacing and orientation on a network output, back onto the file's voxel grid.
+
+    prediction: (C, D, H, W), the same grid as ``sample_image`` (the output of a val/infer
+    ``transform``). Returns (C, I, J, K) whose affine is the file's original affine, exactly.
+    Intensities are left as they are: apply ``invert_intensity`` for real units.
+    """
+    if tuple(prediction.shape[1:]) != tuple(sample_image.shape[1:]):
+        raise ValueError(
+            f"prediction spatial shape {tuple(prediction.shape[1:])} does not match the sample's "
+            f"{tuple(sample_image.shape[1:])}"
+        )
+    meta = {k: copy.deepcopy(v) for k, v in sample_image.meta.items() if k != "affine"}
+    carrier = MetaTensor(torch.as_tensor(prediction).detach().float().cpu(), affine=sample_image.affine.clone(),
+                         meta=meta)
+    carrier.applied_operations = copy.deepcopy(sample_image.applied_operations)
+    restored = transform.inverse({KEY: carrier})[KEY]
+    original = np.asarray(sample_image.meta["original_affine"], dtype=np.float64)
+    assert np.allclose(np.asarray(restored.affine, dtype=np.float64), original, atol=1e-4), "inverse moved the grid"
+    restored.affine = torch.as_tensor(original, dtype=torch.float64)
+    return restored

@@ -1,0 +1,288 @@
+"""Choose how to split a whole-volume pass so that its peak memory stays under a budget.
+
+Positions 0..n name the tensors T_0 (input) .. T_n (output) between the n steps. A plan cuts the
+steps into segments at positions whose tensor is materialised in full (never inside a residual
+block). Each segment streams tiles from its source tensor to its end tensor, with halos that grow
+with the number of convolutions in between; every GroupNorm inside a segment first needs the
+statistics of its whole input, which costs one extra streaming pass from the segment's source
+(a "statistics pass"). Long segments save memory (fewer full tensors) and cost recomputation;
+``plan_volume`` finds the cheapest plan (fewest conv flops, by dynamic programming over the cut
+positions and the tile shape of every pass) whose estimated peak fits the budget.
+
+Memory model (bytes): the full tensors alive during a pass (its source unless that is the
+caller's input, and its output), plus the largest set of tiles alive at once while one tile runs
+through the steps (input, zero-padded copy, output, oneDNN/cuDNN workspace, the residual block's
+input). Elements count as float32. ``estimate_one_pass_bytes`` models the model's own forward.
+The estimates were checked against measured peaks (benchmarks/inference_memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from medvae.inference.steps import ConvStep, NormStep, Step, WholeStep
+
+ELEMENT_BYTES = 4
+# Python and launch overhead of running one step on one tile, in conv-flop equivalents: keeps the
+# planner from choosing thousands of tiny tiles when larger ones fit.
+TILE_STEP_OVERHEAD_FLOPS = 2e7
+# Measured peaks exceed the tensor count by allocator slack and small temporaries.
+SAFETY_FACTOR = 1.1
+SAFETY_BYTES = 8 * 2**20
+TILE_EDGES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Stream tiles of T_stop, computed from T_start; write them to a full tensor or only reduce them."""
+
+    start: int
+    stop: int
+    tile: tuple[int, int, int]  # tile shape on the grid of T_stop
+    produce: bool  # True: materialise T_stop; False: GroupNorm statistics of T_stop only
+    flops: float
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Passes in execution order; ``one_pass`` means: call the model directly."""
+
+    passes: tuple[Pass, ...]
+    peak_bytes: int
+    flops: float
+    one_pass: bool = False
+
+
+class Geometry:
+    """Shapes and channels of every tensor T_0..T_n for one input shape."""
+
+    def __init__(self, steps: list[Step], batch: int, shape: tuple[int, int, int], channels_last: bool):
+        self.steps = steps
+        self.batch = batch
+        self.channels_last = channels_last
+        self.shapes = [tuple(shape)]
+        for step in steps:
+            self.shapes.append(tuple(step.output_length(a, n) for a, n in enumerate(self.shapes[-1])))
+        self.channels = [steps[0].in_channels] + [s.out_channels for s in steps]
+        # Residual blocks: push position s (block input) -> index of the closing ConvStep.
+        self.block_of: dict[int, int] = {}  # step index inside a block -> push index
+        open_push = None
+        for i, step in enumerate(steps):
+            if isinstance(step, NormStep) and step.push_skip:
+                open_push = i
+            if open_push is not None:
+                self.block_of[i] = open_push
+            if isinstance(step, ConvStep) and step.skip is not None:
+                open_push = None
+
+    def full_bytes(self, position: int) -> int:
+        return self.batch * self.channels[position] * math.prod(self.shapes[position]) * ELEMENT_BYTES
+
+    def can_cut(self, position: int) -> bool:
+        """A full tensor may be kept here: not between a residual block's input and its output."""
+        if position in (0, len(self.steps)):
+            return True
+        before = position - 1
+        return before not in self.block_of or (isinstance(self.steps[before], ConvStep) and self.steps[before].skip is not None)
+
+    @lru_cache(maxsize=None)
+    def axis_extents(self, stop: int, axis: int, tile: int) -> tuple[tuple[int, int], ...]:
+        """For tiles of edge ``tile`` along ``axis`` of T_stop: (sum, max) of interval lengths at
+        every position 0..stop (positions before a WholeStep are not reachable: (0, 0))."""
+        n = self.shapes[stop][axis]
+        intervals = [(s, min(s + tile, n)) for s in range(0, n, tile)]
+        extents = [(0, 0)] * (stop + 1)
+        extents[stop] = (n, max(b - a for a, b in intervals))
+        for i in range(stop - 1, -1, -1):
+            step = self.steps[i]
+            if isinstance(step, WholeStep):
+                break
+            n_in = self.shapes[i][axis]
+            intervals = [step.input_interval(axis, iv, n_in) for iv in intervals]
+            lengths = [b - a for a, b in intervals]
+            extents[i] = (sum(lengths), max(lengths))
+        return tuple(extents)
+
+    def pass_cost(self, start: int, stop: int, tile: tuple[int, int, int]) -> tuple[float, int]:
+        """(flops, bytes of tiles alive at once) of streaming tiles of T_stop from T_start."""
+        extents = [self.axis_extents(stop, axis, tile[axis]) for axis in range(3)]
+        n_tiles = math.prod(math.ceil(self.shapes[stop][a] / tile[a]) for a in range(3))
+        total = lambda p: math.prod(extents[a][p][0] for a in range(3))  # noqa: E731
+        largest = lambda p: math.prod(extents[a][p][1] for a in range(3))  # noqa: E731
+        b, e = self.batch, ELEMENT_BYTES
+        flops = 0.0
+        work = b * self.channels[start] * largest(start) * e  # the source tile (a copy)
+        for i in range(start, stop):
+            step = self.steps[i]
+            skip_channels = self.channels[self.block_of[i]] if i in self.block_of else 0
+            flops += step.flops_per_output_voxel(skip_channels) * total(i + 1) * b
+            flops += TILE_STEP_OVERHEAD_FLOPS * n_tiles
+            tile_in = b * self.channels[i] * largest(i) * e
+            tile_out = b * self.channels[i + 1] * largest(i + 1) * e
+            held = 0  # the residual block's input tile, kept for its skip connection
+            if i in self.block_of and self.block_of[i] >= start and self.block_of[i] != i:
+                held = b * self.channels[self.block_of[i]] * largest(self.block_of[i]) * e
+            if isinstance(step, ConvStep):
+                k, s = step.conv.kernel_size, step.conv.stride
+                out_edges = [extents[a][i + 1][1] for a in range(3)]
+                padded = b * self.channels[i] * math.prod(s[a] * (out_edges[a] - 1) + k[a] for a in range(3)) * e
+                upsampled = 8 * tile_in if step.upsample else 0
+                workspace = tile_out if self.channels_last else tile_in + upsampled + tile_out
+                live = held + tile_in + upsampled + padded + tile_out + workspace
+                if step.skip is not None:  # after the conv: output, cropped block input, skip output
+                    live = max(live, held + 3 * tile_out)
+            else:
+                live = held + tile_in + tile_out
+            work = max(work, live)
+        return flops, work
+
+
+def _tile_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Cubes, columns and slabs (small edge on D first: W stays contiguous), balanced per axis."""
+    out = set()
+    for t in TILE_EDGES:
+        for form in ((t, t, t), (t, t, 10**9), (t, 10**9, 10**9)):
+            tile = []
+            for edge, n in zip(form, shape):
+                m = math.ceil(n / min(edge, n))
+                tile.append(math.ceil(n / m))
+            out.add(tuple(tile))
+        if t >= max(shape):
+            break
+    return sorted(out)
+
+
+def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget: float) -> Pass | None:
+    """The fewest-flops tiling of the pass that fits ``budget`` (or the smallest one if budget is inf)."""
+    fixed = (geometry.full_bytes(start) if start > 0 else 0) + (geometry.full_bytes(stop) if produce else 0)
+    best = None
+    for tile in _tile_shapes(geometry.shapes[stop]):
+        flops, work = geometry.pass_cost(start, stop, tile)
+        peak = int(SAFETY_FACTOR * (fixed + work)) + SAFETY_BYTES
+        if budget == math.inf:  # minimum-memory mode: smallest peak
+            key, best_key = (peak, flops), best and (best.peak_bytes, best.flops)
+        else:
+            if peak > budget:
+                continue
+            key, best_key = (flops, -peak), best and (best.flops, -best.peak_bytes)
+        if best is None or key < best_key:
+            best = Pass(start, stop, tile, produce, flops, peak)
+    return best
+
+
+def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass) -> list[Pass] | None:
+    """Passes that take T_start to a full T_stop, or None if a WholeStep is in the way or none fits."""
+    steps = geometry.steps
+    if any(isinstance(s, WholeStep) for s in steps[start:stop]):
+        if stop - start != 1:
+            return None
+        fixed = (geometry.full_bytes(start) if start > 0 else 0) + geometry.full_bytes(stop)
+        # attention: normalised copy, q/k/v, output, projection (about 8 full tensors), plus scores
+        tokens = math.prod(geometry.shapes[start])
+        work = 8 * geometry.full_bytes(start) + geometry.batch * tokens * min(tokens, 1024) * ELEMENT_BYTES
+        peak = int(SAFETY_FACTOR * (fixed + work)) + SAFETY_BYTES
+        return [Pass(start, stop, (0, 0, 0), True, 0.0, peak)] if peak <= budget else None
+    passes = []
+    if isinstance(steps[start], NormStep) and (start == 0 or isinstance(steps[start - 1], WholeStep)):
+        passes.append(best_pass(start, start, False))  # statistics of T_start itself
+    for k in range(start + 1, stop):
+        if isinstance(steps[k], NormStep):
+            passes.append(best_pass(start, k, False))
+    passes.append(best_pass(start, stop, True))
+    return None if any(p is None for p in passes) else passes
+
+
+def _search(geometry: Geometry, budget: float) -> Plan | None:
+    """Dynamic programme over cut positions: fewest flops under ``budget``, or the smallest peak
+    when ``budget`` is inf."""
+    n = len(geometry.steps)
+    cuts = [p for p in range(n + 1) if geometry.can_cut(p)]
+    memo: dict[tuple[int, int, bool], Pass | None] = {}
+
+    def best_pass(start: int, stop: int, produce: bool) -> Pass | None:
+        if (start, stop, produce) not in memo:
+            memo[start, stop, produce] = _best_pass(geometry, start, stop, produce, budget)
+        return memo[start, stop, produce]
+
+    def rank(entry: tuple[float, int, list[Pass]]) -> tuple[float, float]:
+        flops, peak, _ = entry
+        return (peak, flops) if budget == math.inf else (flops, peak)
+
+    best: dict[int, tuple[float, int, list[Pass]]] = {0: (0.0, 0, [])}
+    for stop in cuts[1:]:
+        for start in cuts:
+            if start >= stop or start not in best:
+                continue
+            passes = _segment(geometry, start, stop, budget, best_pass)
+            if passes is None:
+                continue
+            flops, peak, before = best[start]
+            entry = (flops + sum(p.flops for p in passes), max([peak] + [p.peak_bytes for p in passes]), before + passes)
+            if stop not in best or rank(entry) < rank(best[stop]):
+                best[stop] = entry
+    if n not in best:
+        return None
+    flops, peak, passes = best[n]
+    return Plan(tuple(passes), peak, flops)
+
+
+def estimate_one_pass_bytes(geometry: Geometry, input_copied: bool = False) -> int:
+    """Peak extra memory of the model's own forward on the whole volume (its output included)."""
+    full = geometry.full_bytes
+    peak = 0
+    current = 0  # bytes of the running tensor h
+    extra = full(0) if input_copied else 0  # a memory-format copy of the input, alive throughout
+    block_input = 0
+    norm_input = 0  # inside a block, conv2's caller still holds conv1's output
+    for i, step in enumerate(geometry.steps):
+        inside = i in geometry.block_of
+        out = full(i + 1)
+        if isinstance(step, NormStep):
+            if step.push_skip:
+                block_input = current
+            held = block_input if (inside and not step.push_skip) else 0
+            live = held + current + 2 * out  # group_norm output, then SiLU output
+            norm_input = current if inside and not step.push_skip else 0
+        elif isinstance(step, ConvStep):
+            upsampled = 8 * current if step.upsample else 0
+            workspace = out if geometry.channels_last else current + upsampled + out
+            held = block_input if inside else 0
+            live = held + norm_input + current + upsampled + out + workspace
+            if step.skip is not None:
+                live = max(live, block_input + 3 * out)
+                block_input = norm_input = 0
+        else:
+            tokens = math.prod(geometry.shapes[i])
+            live = current + 8 * out + geometry.batch * tokens * min(tokens, 1024) * ELEMENT_BYTES
+        if i == 0:
+            live -= current  # T_0 is the caller's input
+        peak = max(peak, extra + live)
+        current = out
+    return int(SAFETY_FACTOR * peak) + SAFETY_BYTES
+
+
+def plan_volume(geometry: Geometry, budget: float, allow_one_pass: bool = True) -> Plan:
+    """The fastest plan whose estimated peak fits ``budget`` bytes; ValueError naming the minimum."""
+    if allow_one_pass:
+        one_pass = estimate_one_pass_bytes(geometry)
+        if one_pass <= budget:
+            return Plan((), one_pass, 0.0, one_pass=True)
+    plan = _search(geometry, budget)
+    if plan is None:
+        minimum = minimum_bytes(geometry)
+        raise ValueError(
+            f"memory_budget={int(budget)} bytes ({budget / 2**30:.3g} GiB) is too small for a volume of "
+            f"shape {geometry.shapes[0]} (batch {geometry.batch}): the smallest plan needs about "
+            f"{minimum} bytes ({minimum / 2**30:.3g} GiB)"
+        )
+    return plan
+
+
+def minimum_bytes(geometry: Geometry) -> int:
+    """Smallest estimated peak of any tiled plan (slow but streaming everything from the input)."""
+    plan = _search(geometry, math.inf)
+    assert plan is not None
+    return plan.peak_bytes

@@ -1,0 +1,230 @@
+"""The encoder and decoder as a flat list of steps that can each run on one tile of a volume.
+
+A step maps the whole-volume tensor T_i to T_{i+1}. Every step knows (per spatial axis) which input
+interval one output interval needs, so a tile of T_{i+1} can be computed exactly from a tile of T_i:
+
+- ``ConvStep``: a Conv3d (any kernel, stride, zero padding), optionally after nearest x2
+  upsampling. The zero padding of the whole volume is re-created at the volume border only, so a
+  tile's result equals the same voxels of the one-pass result.
+- ``NormStep``: GroupNorm (+ SiLU) with statistics of the WHOLE volume, set by the caller
+  (``medvae.inference.statistics``). A residual block starts at its first NormStep (``push_skip``)
+  and ends at its last ConvStep (``skip``), which adds ``skip(block input)``.
+- ``WholeStep``: any other module (attention at the lowest resolution) runs on the whole tensor.
+
+The list is built from module types (ResBlock, Downsample, Upsample, GroupNorm, Conv3d, MidBlock),
+so it follows the model's structure rather than parameter names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample
+from medvae.models.vae import DecoderLevel, EncoderLevel
+
+Interval = tuple[int, int]  # [start, stop) along one axis, in voxels of that step's grid
+
+
+@dataclass
+class ConvStep:
+    conv: nn.Conv3d
+    upsample: bool = False  # nearest x2 before the convolution (Upsample)
+    float32: bool = False  # run with autocast off on a float32 input (the model's output convs)
+    skip: nn.Module | None = None  # closes a residual block: output += skip(block input)
+
+    def __post_init__(self) -> None:
+        if self.conv.padding_mode != "zeros" or isinstance(self.conv.padding, str):
+            raise ValueError(f"tiled inference needs numeric zero padding, got {self.conv}")
+        if tuple(self.conv.dilation) != (1, 1, 1) or self.conv.groups != 1:
+            raise ValueError(f"tiled inference supports plain convolutions only, got {self.conv}")
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def output_length(self, axis: int, n: int) -> int:
+        k, s, p = self.conv.kernel_size[axis], self.conv.stride[axis], self.conv.padding[axis]
+        n = 2 * n if self.upsample else n
+        return (n + 2 * p - k) // s + 1
+
+    def _conv_input(self, axis: int, out: Interval) -> Interval:
+        """Unclipped interval of the convolution's input grid (after upsampling) for ``out``."""
+        k, s, p = self.conv.kernel_size[axis], self.conv.stride[axis], self.conv.padding[axis]
+        return s * out[0] - p, s * (out[1] - 1) - p + k
+
+    def input_interval(self, axis: int, out: Interval, n_in: int) -> Interval:
+        start, stop = self._conv_input(axis, out)
+        if self.upsample:
+            start, stop = max(start, 0), min(stop, 2 * n_in)
+            return start // 2, (stop + 1) // 2
+        return max(start, 0), min(stop, n_in)
+
+    def flops_per_output_voxel(self, skip_channels: int) -> float:
+        k = self.conv.kernel_size
+        flops = 2.0 * self.in_channels * self.out_channels * k[0] * k[1] * k[2]
+        if isinstance(self.skip, nn.Conv3d):
+            flops += 2.0 * skip_channels * self.out_channels
+        return flops
+
+    def forward(self, x: torch.Tensor, have: list[Interval], out: list[Interval], n_in: list[int]) -> torch.Tensor:
+        """``x`` covers ``have`` (per axis) of this step's input; return the output tile ``out``."""
+        if self.upsample:
+            need = [self.input_interval(a, out[a], n_in[a]) for a in range(3)]
+            x = _crop(x, have, need)
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            have = [(2 * a, 2 * b) for a, b in need]
+            n_in = [2 * n for n in n_in]
+        want = [self._conv_input(a, out[a]) for a in range(3)]
+        clipped = [(max(a, 0), min(b, n)) for (a, b), n in zip(want, n_in)]
+        x = _crop(x, have, clipped)
+        pad = []  # F.pad order: last axis first, (before, after)
+        for (a, b), (ca, cb) in reversed(list(zip(want, clipped))):
+            pad += [ca - a, b - cb]
+        if any(pad):
+            x = F.pad(x, pad)
+        if self.float32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return F.conv3d(x.float(), self.conv.weight, self.conv.bias, self.conv.stride)
+        return F.conv3d(x, self.conv.weight, self.conv.bias, self.conv.stride)
+
+
+@dataclass
+class NormStep:
+    norm: nn.GroupNorm
+    silu: bool
+    push_skip: bool = False  # first step of a residual block: keep the input tile for the skip
+
+    @property
+    def in_channels(self) -> int:
+        return self.norm.num_channels
+
+    out_channels = in_channels
+
+    def output_length(self, axis: int, n: int) -> int:
+        return n
+
+    def input_interval(self, axis: int, out: Interval, n_in: int) -> Interval:
+        return out
+
+    def flops_per_output_voxel(self, skip_channels: int) -> float:
+        return 40.0 * self.in_channels  # memory-bound elementwise work, in conv-flop equivalents
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        """Normalise with whole-volume statistics ``mean``, ``rstd`` of shape (B, groups), float32."""
+        b, c = x.shape[:2]
+        per_group = c // self.norm.num_groups
+        mean_c = mean.repeat_interleave(per_group, dim=1).view(b, c, 1, 1, 1)
+        scale_c = rstd.repeat_interleave(per_group, dim=1)
+        if self.norm.affine:
+            scale_c = scale_c * self.norm.weight.float()
+        y = torch.sub(x.float(), mean_c)  # float32 like the model's group norm, whatever x's dtype
+        y.mul_(scale_c.view(b, c, 1, 1, 1))
+        if self.norm.affine:
+            y.add_(self.norm.bias.float().view(1, c, 1, 1, 1))
+        if self.silu:
+            F.silu(y, inplace=True)
+        return y.to(x.dtype)
+
+
+@dataclass
+class WholeStep:
+    module: nn.Module
+    channels: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    out_channels = in_channels
+
+    def output_length(self, axis: int, n: int) -> int:
+        return n
+
+    def input_interval(self, axis: int, out: Interval, n_in: int) -> Interval:
+        return 0, n_in
+
+    def flops_per_output_voxel(self, skip_channels: int) -> float:
+        return 0.0
+
+
+Step = ConvStep | NormStep | WholeStep
+
+
+def _crop(x: torch.Tensor, have: list[Interval], need: list[Interval]) -> torch.Tensor:
+    """View of ``x`` (covering ``have``) restricted to ``need`` (inside ``have``)."""
+    index = [slice(None), slice(None)]
+    for (h0, h1), (n0, n1) in zip(have, need):
+        assert h0 <= n0 and n1 <= h1, (have, need)
+        index.append(slice(n0 - h0, n1 - h0))
+    return x[tuple(index)]
+
+
+def _norm_step(module: nn.GroupNorm, push_skip: bool = False) -> NormStep:
+    return NormStep(module, silu=isinstance(module, GroupNormSiLU), push_skip=push_skip)
+
+
+def _res_block_steps(block: ResBlock) -> list[Step]:
+    if not isinstance(block.dropout, (nn.Identity, nn.Dropout)):
+        raise ValueError(f"tiled inference: unexpected dropout module {block.dropout}")
+    return [
+        _norm_step(block.norm1, push_skip=True),
+        ConvStep(block.conv1),
+        _norm_step(block.norm2),
+        ConvStep(block.conv2, skip=block.skip),  # dropout is the identity in eval mode
+    ]
+
+
+def _module_steps(module: nn.Module | None, channels: int) -> list[Step]:
+    """Steps for one child of an encoder or decoder, dispatched on its type."""
+    if module is None or isinstance(module, (nn.Identity, nn.Dropout)):
+        return []
+    if isinstance(module, ResBlock):
+        return _res_block_steps(module)
+    if isinstance(module, Downsample):
+        return [ConvStep(module.conv)]
+    if isinstance(module, Upsample):
+        return [ConvStep(module.conv, upsample=True)]
+    if isinstance(module, nn.GroupNorm):
+        return [_norm_step(module)]
+    if isinstance(module, nn.Conv3d):
+        return [ConvStep(module)]
+    if isinstance(module, MidBlock):
+        steps: list[Step] = []
+        for child in module.children():  # res_in, attention, res_out, in forward order
+            steps += _module_steps(child, channels)
+        return steps
+    if isinstance(module, (nn.ModuleList, nn.Sequential, EncoderLevel, DecoderLevel)):
+        steps = []
+        for child in module.children():
+            steps += _module_steps(child, channels)
+            channels = steps[-1].out_channels if steps else channels
+        return steps
+    # Anything else (self-attention) sees every voxel at once: run it whole.
+    return [WholeStep(module, channels)]
+
+
+def network_steps(net: nn.Module, in_channels: int) -> list[Step]:
+    """Flatten an Encoder or Decoder (children in registration order = forward order) into steps.
+
+    The last convolution (``conv_out``) runs in float32 with autocast off, as the model does.
+    """
+    steps: list[Step] = []
+    channels = in_channels
+    for child in net.children():
+        steps += _module_steps(child, channels)
+        channels = steps[-1].out_channels if steps else channels
+    if not steps or not isinstance(steps[-1], ConvStep):
+        raise ValueError(f"tiled inference: {type(net).__name__} does not end in a convolution")
+    steps[-1].float32 = True
+    for before, after in zip(steps, steps[1:]):
+        if before.out_channels != after.in_channels:
+            raise ValueError(f"tiled inference: cannot follow the channels of {type(net).__name__} ({before} -> {after})")
+    return steps

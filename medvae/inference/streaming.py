@@ -1,0 +1,88 @@
+"""Run a plan: stream tiles through the steps, materialise cut tensors, gather GroupNorm statistics.
+
+One tile of T_stop is computed from T_start by walking back from its interval to the interval each
+step needs (halos grow by the kernel reach of every convolution, double through a stride-2 one,
+halve through an upsampling), slicing that from T_start and running the steps forward. Tiles of a
+pass never overlap, so their GroupNorm statistics merge into the whole volume's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from medvae.inference.planner import Geometry, Plan
+from medvae.inference.statistics import GroupStatistics
+from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, _crop
+
+Statistics = dict[int, tuple[torch.Tensor, torch.Tensor]]  # step index -> (mean, rstd), (B, groups)
+
+
+def _tile_grid(shape: tuple[int, ...], tile: tuple[int, int, int]) -> list[list[Interval]]:
+    axes = [[(s, min(s + t, n)) for s in range(0, n, t)] for n, t in zip(shape, tile)]
+    return [list(region) for region in itertools.product(*axes)]
+
+
+def _index(region: list[Interval]) -> tuple[slice, ...]:
+    return (slice(None), slice(None), *(slice(a, b) for a, b in region))
+
+
+def _run_tile(
+    geometry: Geometry, statistics: Statistics, source: torch.Tensor, start: int, stop: int,
+    region: list[Interval], memory_format: torch.memory_format,
+) -> torch.Tensor:
+    """The tile ``region`` of T_stop, computed exactly from the full tensor T_start."""
+    steps, shapes = geometry.steps, geometry.shapes
+    regions = {stop: region}
+    for i in range(stop - 1, start - 1, -1):
+        regions[i] = [steps[i].input_interval(a, regions[i + 1][a], shapes[i][a]) for a in range(3)]
+    tile = source[_index(regions[start])].contiguous(memory_format=memory_format)
+    held: list[tuple[torch.Tensor, list[Interval]]] = []  # residual block inputs
+    for i in range(start, stop):
+        step = steps[i]
+        if isinstance(step, NormStep):
+            if step.push_skip:
+                held.append((tile, regions[i]))
+            tile = step.forward(tile, *statistics[i])
+        else:
+            assert isinstance(step, ConvStep)
+            tile = step.forward(tile, regions[i], regions[i + 1], list(shapes[i]))
+            if step.skip is not None:
+                block_input, have = held.pop()
+                tile += step.skip(_crop(block_input, have, regions[i + 1]))
+                del block_input
+    return tile
+
+
+def run_plan(geometry: Geometry, plan: Plan, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """Execute ``plan`` on the input T_0 = ``x``; return T_n (the only full tensor left)."""
+    steps = geometry.steps
+    current, position = x, 0  # the last materialised tensor
+    statistics: Statistics = {}
+    for p in plan.passes:
+        assert p.start == position, (p, position)
+        if isinstance(steps[p.start], WholeStep):
+            current, position = steps[p.start].module(current), p.stop
+            continue
+        gather = None
+        if p.stop < len(steps) and isinstance(steps[p.stop], NormStep) and p.stop not in statistics:
+            norm = steps[p.stop].norm
+            gather = GroupStatistics(norm.num_groups, norm.eps)
+        out = None
+        for region in _tile_grid(geometry.shapes[p.stop], p.tile):
+            tile = _run_tile(geometry, statistics, current, p.start, p.stop, region, memory_format)
+            if gather is not None:
+                gather.add(tile)
+            if p.produce:
+                if out is None:
+                    shape = (x.shape[0], geometry.channels[p.stop], *geometry.shapes[p.stop])
+                    out = torch.empty(shape, dtype=tile.dtype, device=tile.device, memory_format=memory_format)
+                out[_index(region)] = tile
+            del tile
+        if gather is not None:
+            statistics[p.stop] = gather.result()
+        if p.produce:
+            current, position = out, p.stop
+    assert position == len(steps)
+    return current

@@ -1,0 +1,145 @@
+"""Whole-volume encode and decode under a memory budget, equal to the one-pass result.
+
+``encode_volume`` / ``decode_volume`` run the model directly when its one-pass peak fits the budget;
+otherwise they split the network into streamed passes (``medvae.inference.planner``) whose
+convolutions see exactly the voxels they would see in one pass and whose GroupNorms use the
+statistics of the whole volume. No seams, no per-tile statistics, no blending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from medvae.inference.planner import Geometry, Plan, plan_volume
+from medvae.inference.steps import network_steps
+from medvae.inference.streaming import run_plan
+from medvae.models.posterior import DiagonalGaussian
+from medvae.models.vae import VAE3D
+
+# With no budget given, use this share of the memory that is free when the call starts.
+DEFAULT_BUDGET_FRACTION = 0.8
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device`` now: CUDA free + cached, else host MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_format(model: VAE3D) -> torch.memory_format:
+    return torch.channels_last_3d if getattr(model.arch, "channels_last", False) else torch.contiguous_format
+
+
+def _geometry(model: VAE3D, part: str, shape: tuple[int, ...]) -> Geometry:
+    """Steps and tensor shapes of ``model.encoder`` or ``model.decoder`` for input shape (B, C, D, H, W)."""
+    net = getattr(model, part)
+    steps = network_steps(net, shape[1])
+    return Geometry(steps, shape[0], tuple(shape[2:]), _memory_format(model) == torch.channels_last_3d)
+
+
+def _check_volume(model: VAE3D, x: torch.Tensor, channels: int, what: str, multiple: int) -> None:
+    if x.ndim != 5:
+        raise ValueError(f"{what}: expected a 5-D tensor (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{what}: expected {channels} channel(s), got shape {tuple(x.shape)}")
+    if any(n % multiple for n in x.shape[2:]):
+        raise ValueError(
+            f"{what}: spatial size {tuple(x.shape[2:])} is not divisible by the downsampling factor "
+            f"{multiple}; pad with medvae.inference.pad_to_multiple first"
+        )
+
+
+def _budget(memory_budget: int | None, device: torch.device) -> float:
+    if memory_budget is None:
+        return DEFAULT_BUDGET_FRACTION * available_bytes(device)
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    return float(memory_budget)
+
+
+@contextlib.contextmanager
+def _inference(model: VAE3D) -> Iterator[None]:
+    """no_grad and eval mode (dropout off) for the call; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None, device: str | torch.device = "cpu") -> Plan:
+    """The plan ``encode_volume`` would use for an input of ``shape`` (B, C, D, H, W).
+
+    ``plan.peak_bytes`` is the estimated peak of extra memory (intermediate tensors, tiles and
+    the returned moments; not the input or the weights).
+    """
+    return plan_volume(_geometry(model, "encoder", tuple(shape)), _budget(memory_budget, torch.device(device)))
+
+
+def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None, device: str | torch.device = "cpu") -> Plan:
+    """The plan ``decode_volume`` would use for a latent of ``shape`` (B, latent_channels, d, h, w)."""
+    return plan_volume(_geometry(model, "decoder", tuple(shape)), _budget(memory_budget, torch.device(device)))
+
+
+def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None) -> DiagonalGaussian:
+    """Posterior of a whole volume, with peak extra memory under ``memory_budget`` bytes.
+
+    Args:
+        model: a VAE3D (put in eval mode for the call).
+        x: (B, in_channels, D, H, W) normalised voxels; D, H, W multiples of
+            ``model.downsampling_factor`` (see ``pad_to_multiple``).
+        memory_budget: bytes for intermediate tensors, tiles and the result (not ``x`` or the
+            weights). None: 80% of the memory free on ``x``'s device.
+    Returns:
+        DiagonalGaussian over (B, latent_channels, D/f, H/f, W/f), float32; equal to
+        ``model.encode(x)`` to float rounding. Autocast, if the caller enabled it, applies.
+    Raises:
+        ValueError: a bad shape, or a budget below the smallest possible plan (the message names it).
+    """
+    _check_volume(model, x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
+    geometry = _geometry(model, "encoder", tuple(x.shape))
+    plan = plan_volume(geometry, _budget(memory_budget, x.device))
+    with _inference(model):
+        if plan.one_pass:
+            return model.encode(x)
+        moments = run_plan(geometry, plan, x, _memory_format(model))
+    mean, logvar = moments.chunk(2, dim=1)
+    return DiagonalGaussian(mean, logvar)
+
+
+def encode_latent(
+    model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None, sample: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Latent (B, latent_channels, D/f, H/f, W/f): the posterior mean, or a sample if ``sample``."""
+    posterior = encode_volume(model, x, memory_budget=memory_budget)
+    return posterior.sample(generator) if sample else posterior.mode()
+
+
+def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = None) -> torch.Tensor:
+    """Voxels (B, out_channels, d*f, h*f, w*f) from a latent (B, latent_channels, d, h, w), float32.
+
+    Same budget semantics and guarantees as ``encode_volume``; equal to ``model.decode(z)``.
+    """
+    _check_volume(model, z, model.arch.latent_channels, "decode_volume", 1)
+    geometry = _geometry(model, "decoder", tuple(z.shape))
+    plan = plan_volume(geometry, _budget(memory_budget, z.device))
+    with _inference(model):
+        if plan.one_pass:
+            return model.decode(z)
+        return run_plan(geometry, plan, z, _memory_format(model))

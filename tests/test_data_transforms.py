@@ -1,0 +1,108 @@
+"""The MONAI pipelines: shapes per phase, geometry, padding, and the NIfTI -> tensor -> NIfTI round trip."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medvae.config import DataConfig, IntensityConfig
+from medvae.data import build_transforms, invert_intensity, restore_geometry
+from medvae.io import read_volume, write_volume
+from phantoms import phantom
+
+# An oblique-free but non-RAS grid: i runs right-to-left (L), j posterior-to-anterior, k inferior-to-superior.
+LAS_AFFINE = np.array([[-2.0, 0, 0, 40.0], [0, 1.5, 0, -30.0], [0, 0, 3.0, -20.0], [0, 0, 0, 1]])
+
+
+def _write(path, array, affine=LAS_AFFINE):
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return str(path)
+
+
+def _run(data_config, phase, path, factor=4):
+    return build_transforms(data_config, phase, factor)({"image": path, "id": "x", "modality": "MR"})
+
+
+@pytest.mark.parametrize("shape, factor, expected", [((17, 20, 9), 4, (20, 20, 12)), ((16, 16, 16), 4, (16, 16, 16)),
+                                                     ((17, 20, 9), 8, (24, 24, 16)), ((5, 6, 7), 2, (6, 6, 8))])
+def test_val_and_infer_pad_only_up_to_the_next_multiple(tmp_path, shape, factor, expected):
+    path = _write(tmp_path / "v.nii.gz", phantom(shape), np.diag([2.0, 2.0, 2.0, 1.0]))
+    for phase in ("val", "infer"):
+        image = _run(DataConfig(), phase, path, factor)["image"]
+        assert tuple(image.shape) == (1, *expected) and image.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 30), (10, 12, 8)])  # larger and smaller than the patch
+def test_train_gives_patches_of_patch_size(tmp_path, shape):
+    path = _write(tmp_path / "v.nii.gz", phantom(shape))
+    out = _run(DataConfig(patch_size=[16, 24, 16]), "train", path)
+    assert tuple(out["image"].shape) == (1, 16, 24, 16)
+    assert out["id"] == "x" and out["path"] == path and out["modality"] == "MR"
+
+
+def test_train_patch_size_must_be_a_multiple_of_the_factor(tmp_path):
+    with pytest.raises(ValueError, match=r"data.patch_size \[18, 16, 16\].*downsampling factor 4"):
+        build_transforms(DataConfig(patch_size=[18, 16, 16]), "train", 4)
+
+
+def test_orientation_becomes_ras_and_metadata_travels(tmp_path):
+    path = _write(tmp_path / "v.nii.gz", phantom((12, 12, 12)))
+    image = _run(DataConfig(), "infer", path)["image"]
+    assert nib.aff2axcodes(image.affine.numpy()) == ("R", "A", "S")
+    assert image.meta["filename_or_obj"] == path and image.meta["modality"] == "MR"
+    assert image.meta["intensity"]["preset"] == "mri_percentile"
+
+
+def test_spacing_resamples_to_the_target_voxel_size(tmp_path):
+    path = _write(tmp_path / "v.nii.gz", phantom((20, 20, 10)), np.diag([1.0, 1.0, 3.0, 1.0]))
+    image = _run(DataConfig(spacing=[2.0, 2.0, 2.0]), "infer", path, factor=1)["image"]
+    # MONAI keeps the span between the first and last voxel centres: floor((n - 1) * old / new + 1)
+    assert tuple(image.shape) == (1, 10, 10, 14)
+    np.testing.assert_allclose(np.linalg.norm(image.affine.numpy()[:3, :3], axis=0), [2.0, 2.0, 2.0])
+
+
+def test_padding_uses_the_background_value_not_zero(tmp_path):
+    path = _write(tmp_path / "v.nii.gz", phantom((13, 16, 16)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    config = DataConfig(intensity=IntensityConfig(preset="zscore", foreground_threshold=100.0))
+    image = _run(config, "infer", path)["image"].numpy()[0]
+    assert image.shape[0] == 16
+    pad_value = image.min()
+    assert pad_value < -0.5  # below the foreground mean, which z-scoring maps to 0
+    assert np.all(image[0] == pad_value) and np.all(image[-1] == pad_value) and np.all(image[-2] == pad_value)
+
+
+@pytest.mark.parametrize("intensity", [IntensityConfig(preset="ct_window", window_min=-1100, window_max=1500),
+                                       IntensityConfig(lower_percentile=0, upper_percentile=100),
+                                       IntensityConfig(preset="zscore")])
+def test_nifti_to_tensor_to_nifti_keeps_affine_and_intensities(tmp_path, intensity):
+    raw = phantom((17, 13, 10), seed=4, scale=2000.0, offset=-1000.0)
+    path = _write(tmp_path / "in.nii.gz", raw)
+    modality = "CT" if intensity.preset == "ct_window" else "MR"
+    config = DataConfig(modality=modality, intensity=intensity)
+    pipeline = build_transforms(config, "infer", 4)
+    image = pipeline({"image": path, "id": "x", "modality": modality})["image"]
+    assert tuple(image.shape) == (1, 20, 16, 12)
+
+    prediction = invert_intensity(image.as_tensor(), image.meta["intensity"])  # a perfect "reconstruction"
+    restored = restore_geometry(prediction, image, pipeline)
+    out = write_volume(restored.numpy()[0], tmp_path / "out.nii.gz", affine=restored.affine.numpy(), modality=modality)
+
+    back = read_volume(out)
+    assert np.array_equal(back.affine, read_volume(path).affine)  # exactly
+    np.testing.assert_allclose(back.array, raw, rtol=1e-5, atol=1e-3)
+
+
+def test_real_t1_round_trip(nibabel_data):
+    """nibabel's anatomical.nii (real T1, LAS): the unclipped voxels come back exactly, clipped ones at the edges."""
+    path = str(nibabel_data / "anatomical.nii")
+    pipeline = build_transforms(DataConfig(), "infer", 8)
+    image = pipeline({"image": path, "id": "t1", "modality": "MR"})["image"]
+    assert tuple(image.shape) == (1, 40, 48, 32) and float(image.min()) == 0.0 and float(image.max()) == 1.0
+    params = image.meta["intensity"]
+    restored = restore_geometry(invert_intensity(image.as_tensor(), params), image, pipeline)
+    original = read_volume(path)
+    assert np.array_equal(restored.affine.numpy(), original.affine)
+    np.testing.assert_allclose(restored.numpy()[0], np.clip(original.array, params["a_min"], params["a_max"]),
+                               rtol=1e-5, atol=1e-2)

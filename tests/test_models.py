@@ -1,0 +1,128 @@
+import pytest
+import torch
+
+from medvae import VAE3D, VAEOutput
+from medvae.models import DiagonalGaussian
+
+TINY = dict(channels=[8, 16], norm_num_groups=4, latent_channels=2)
+
+
+@pytest.mark.parametrize(
+    "channels, factor",
+    [([8, 16], 2), ([8, 16, 16], 4), ([8, 8, 16, 16], 8)],
+)
+@pytest.mark.parametrize("attention", [False, True])
+def test_shapes_for_each_downsampling_factor(channels, factor, attention):
+    model = VAE3D(channels=channels, norm_num_groups=4, latent_channels=3, attention=attention, attention_heads=2)
+    assert model.downsampling_factor == factor
+    x = torch.rand(2, 1, 16, 24, 32)
+    out = model(x)
+    assert isinstance(out, VAEOutput)
+    assert out.reconstruction.shape == x.shape
+    assert out.mean.shape == (2, 3, 16 // factor, 24 // factor, 32 // factor)
+    assert out.logvar.shape == out.mean.shape
+    posterior = model.encode(x)
+    assert isinstance(posterior, DiagonalGaussian)
+    assert model.decode(posterior.mode()).shape == x.shape
+
+
+def test_indivisible_size_raises_clear_error():
+    model = VAE3D(**TINY, channels_last=False) if False else VAE3D(channels=[8, 16, 16], norm_num_groups=4)
+    with pytest.raises(ValueError, match=r"not divisible by the downsampling factor 4"):
+        model.encode(torch.rand(1, 1, 16, 18, 16))
+
+
+def test_wrong_rank_and_channels_raise():
+    model = VAE3D(**TINY)
+    with pytest.raises(ValueError, match="5-D"):
+        model.encode(torch.rand(1, 16, 16, 16))
+    with pytest.raises(ValueError, match="input channel"):
+        model.encode(torch.rand(1, 2, 16, 16, 16))
+
+
+@pytest.mark.parametrize("bad", [dict(channels=[8]), dict(channels=[8, 12], norm_num_groups=8), dict(dropout=1.0)])
+def test_bad_architecture_raises(bad):
+    with pytest.raises(ValueError):
+        VAE3D(**{**TINY, **bad})
+
+
+def _phantom(shape=(32, 32, 32)):
+    """Ellipsoid with a brighter core and some noise, in [0, 1]."""
+    d, h, w = shape
+    z, y, x = torch.meshgrid(torch.linspace(-1, 1, d), torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    r2 = (z / 0.8) ** 2 + (y / 0.6) ** 2 + (x / 0.7) ** 2
+    vol = (r2 < 1).float() * 0.6 + (r2 < 0.3).float() * 0.3
+    vol = vol + 0.05 * torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    return vol.clamp(0, 1)[None, None]
+
+
+@pytest.mark.parametrize("normalisation", ["unit_range", "zscore"])
+def test_initial_kl_per_element_is_near_the_prior(normalisation):
+    torch.manual_seed(0)
+    model = VAE3D()  # the comparison architecture: channels (32, 64, 64), latent 3
+    x = _phantom()
+    if normalisation == "zscore":
+        x = (x - x.mean()) / x.std()
+    with torch.no_grad():
+        posterior = model.encode(x)
+    per_element = posterior.kl_per_element().mean().item()
+    assert per_element < 0.1
+
+
+def test_initial_kl_stays_small_on_unnormalised_hounsfield_units():
+    torch.manual_seed(0)
+    model = VAE3D()
+    x = _phantom() * 3000 - 1024  # raw CT range
+    with torch.no_grad():
+        per_element = model.encode(x).kl_per_element().mean().item()
+    assert per_element < 0.1
+
+
+def test_train_mode_samples_and_eval_mode_uses_mean():
+    torch.manual_seed(0)
+    model = VAE3D(**TINY)
+    for p in model.parameters():  # move away from the near-prior init so sampling is visible
+        p.data.normal_(0, 0.1)
+    x = torch.rand(1, 1, 8, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x).reconstruction, model(x).reconstruction
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c = model(x).reconstruction
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+@pytest.mark.parametrize("recompute_norm", [False, True])
+def test_checkpointing_options_give_identical_gradients(gradient_checkpointing, recompute_norm):
+    torch.manual_seed(0)
+    ref = VAE3D(**TINY, recompute_norm=False)
+    for p in ref.parameters():
+        p.data.normal_(0, 0.1)
+    other = VAE3D(**TINY, gradient_checkpointing=gradient_checkpointing, recompute_norm=recompute_norm)
+    other.load_state_dict(ref.state_dict())
+    x = torch.rand(2, 1, 8, 8, 8)
+    grads = []
+    for model in (ref, other):
+        out = model(x, sample_posterior=False)
+        (out.reconstruction.square().mean() + out.mean.square().mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g_ref, g_other in zip(*grads):
+        assert torch.allclose(g_ref, g_other, atol=1e-6, rtol=1e-5)
+
+
+def test_outputs_finite_under_fp16_autocast_on_hounsfield_input():
+    torch.manual_seed(0)
+    model = VAE3D(**TINY)
+    x = torch.rand(1, 1, 8, 8, 8) * 4000 - 1024
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+    assert out.mean.dtype == torch.float32 and out.reconstruction.dtype == torch.float32
+    assert torch.isfinite(out.reconstruction).all() and torch.isfinite(out.mean).all()
+
+
+def test_dropout_is_active_only_in_training():
+    model = VAE3D(**TINY, dropout=0.5)
+    assert any(isinstance(m, torch.nn.Dropout) for m in model.modules())
