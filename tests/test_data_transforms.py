@@ -106,3 +106,17 @@ def test_real_t1_round_trip(nibabel_data):
     assert np.array_equal(restored.affine.numpy(), original.affine)
     np.testing.assert_allclose(restored.numpy()[0], np.clip(original.array, params["a_min"], params["a_max"]),
                                rtol=1e-5, atol=1e-2)
+
+
+def test_dicom_series_goes_through_the_same_pipeline(ct5n_folder):
+    config = DataConfig(modality="CT", intensity=IntensityConfig(preset="ct_window"))
+    out = build_transforms(config, "infer", 4)({"image": str(ct5n_folder), "id": "ct5n", "modality": "CT"})
+    image = out["image"]
+    assert tuple(image.shape) == (1, 16, 16, 8) and image.meta["units"] == "HU"
+    assert image.meta["intensity"] == {"preset": "ct_window", "a_min": -1000.0, "a_max": 1000.0,
+                                       "b_min": 0.0, "b_max": 1.0, "clip": True}
+
+
+def test_a_ct_series_listed_as_mr_is_refused(ct5n_folder):
+    with pytest.raises(ValueError, match="CT5N: the file says modality CT but .* says MR"):
+        build_transforms(DataConfig(), "infer", 4)({"image": str(ct5n_folder), "id": "ct5n", "modality": "MR"})

@@ -34,17 +34,9 @@ from medvae.atomic import atomic_file
 from medvae.config import Config, DataConfig, to_dict
 from medvae.data.datalist import Item, resolve_datalists
 from medvae.data.intensity import preprocessing_description, summarize_intensity
-from medvae.data.transforms import KEY, build_transforms, check_patch_size
+from medvae.data.transforms import BAD_INPUT_ERRORS, KEY, Pipeline, build_transforms, check_patch_size, root_cause
 
 SKIPPED_FILES = "skipped_files.json"
-BAD_FILE_ERRORS = (ValueError, OSError)  # what a bad input raises (VolumeError is a ValueError)
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    """MONAI wraps a transform's error in RuntimeError("applying transform ..."); find the original."""
-    while isinstance(err, RuntimeError) and err.__cause__ is not None:
-        err = err.__cause__
-    return err
 
 
 def _one_line(err: BaseException, item: Item) -> str:
@@ -52,12 +44,12 @@ def _one_line(err: BaseException, item: Item) -> str:
     return message if str(item[KEY]) in message else f"{item[KEY]}: {message}"
 
 
-def split_pipeline(pipeline: Compose) -> tuple[Compose, Compose]:
+def split_pipeline(pipeline: Compose) -> tuple[Pipeline, Pipeline]:
     """(deterministic head, random tail) of a pipeline, split at the first random transform."""
     first_random = pipeline.get_index_of_first(lambda t: isinstance(t, RandomizableTrait))
     if first_random is None:
-        return pipeline, Compose([])
-    return Compose(pipeline.transforms[:first_random]), Compose(pipeline.transforms[first_random:])
+        return Pipeline(pipeline.transforms), Pipeline([])
+    return Pipeline(pipeline.transforms[:first_random]), Pipeline(pipeline.transforms[first_random:])
 
 
 @dataclass
@@ -82,9 +74,9 @@ def prepare_items(items: list[Item], transform: Compose, on_bad_file: str = "fai
     for item in items:
         try:
             output = transform(dict(item))
-        except Exception as err:  # noqa: BLE001 - narrowed just below, after unwrapping MONAI's RuntimeError
-            cause = _root_cause(err)
-            if not isinstance(cause, BAD_FILE_ERRORS):
+        except Exception as err:  # noqa: BLE001 - narrowed just below, after unwrapping any MONAI RuntimeError
+            cause = root_cause(err)
+            if not isinstance(cause, BAD_INPUT_ERRORS):
                 raise
             message = _one_line(cause, item)
             if on_bad_file != "skip":

@@ -52,6 +52,30 @@ KEY = "image"
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # medvae affines map voxels to RAS+ mm (nibabel's convention)
 
 
+BAD_INPUT_ERRORS = (ValueError, OSError)  # what a bad file raises (medvae.io.VolumeError is a ValueError)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """MONAI wraps a transform's error in RuntimeError("applying transform ..."); find the original."""
+    while isinstance(err, RuntimeError) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+class Pipeline(Compose):
+    """MONAI ``Compose`` that lets a bad input's own one-line error (ValueError or OSError naming the
+    file) through, instead of MONAI's RuntimeError("applying transform ...") wrapped around it."""
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy: bool | None = None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as err:
+            cause = root_cause(err)
+            if isinstance(cause, BAD_INPUT_ERRORS):
+                raise cause from None
+            raise
+
+
 class PadWithMinimumd(Padd):
     """``Padd`` whose constant is the image's own minimum (its background after normalisation).
 
@@ -75,13 +99,14 @@ def check_patch_size(patch_size: list[int] | tuple[int, ...], downsampling_facto
         )
 
 
-def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: int) -> Compose:
+def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: int) -> Pipeline:
     """The pipeline for ``phase`` ("train", "val" or "infer") over items ``{"image": path, "id", "modality"}``.
 
     Output item: ``image`` (1, D, H, W) float32 MetaTensor (affine in RAS mm; meta keeps
     ``filename_or_obj``, ``modality``, ``units``, ``intensity``), plus ``id``, ``modality``, ``path``.
     train: D, H, W = data.patch_size. val/infer: the whole volume padded to the next multiple of
     ``downsampling_factor``. val and infer are deterministic and invertible (``restore_geometry``).
+    A bad file raises its reader's one-line ValueError (``medvae.io.VolumeError``) naming the file.
     """
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
@@ -113,7 +138,7 @@ def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: i
         if augment.intensity_shift > 0:  # x + o, o in [-shift, shift], normalised units
             transforms.append(RandShiftIntensityd(KEY, offsets=augment.intensity_shift, prob=augment.intensity_prob))
     transforms.append(EnsureTyped(KEY, dtype=torch.float32, track_meta=True))
-    return Compose(transforms)
+    return Pipeline(transforms)
 
 
 def restore_geometry(prediction: torch.Tensor, sample_image: MetaTensor, transform: Compose) -> MetaTensor:

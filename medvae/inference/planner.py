@@ -28,9 +28,9 @@ ELEMENT_BYTES = 4
 # Python and launch overhead of running one step on one tile, in conv-flop equivalents: keeps the
 # planner from choosing thousands of tiny tiles when larger ones fit.
 TILE_STEP_OVERHEAD_FLOPS = 2e7
-# Measured peaks exceed the tensor count by allocator slack and small temporaries.
+# Measured peaks exceed the tensor count by allocator slack, small temporaries and fixed costs.
 SAFETY_FACTOR = 1.1
-SAFETY_BYTES = 8 * 2**20
+SAFETY_BYTES = 32 * 2**20  # first-use oneDNN kernels and scratch, Python objects
 TILE_EDGES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -44,6 +44,7 @@ class Pass:
     produce: bool  # True: materialise T_stop; False: GroupNorm statistics of T_stop only
     flops: float
     peak_bytes: int
+    tiles: int = 1
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,20 @@ class Plan:
     flops: float
     one_pass: bool = False
 
+    @property
+    def tiles(self) -> int:
+        """Tiles (and whole-tensor steps) run in all passes together; 0 for one pass."""
+        return sum(p.tiles for p in self.passes)
+
 
 class Geometry:
     """Shapes and channels of every tensor T_0..T_n for one input shape."""
 
-    def __init__(self, steps: list[Step], batch: int, shape: tuple[int, int, int], channels_last: bool):
+    def __init__(self, steps: list[Step], batch: int, shape: tuple[int, int, int], channels_last: bool, device_type: str = "cpu"):
         self.steps = steps
         self.batch = batch
         self.channels_last = channels_last
+        self.device_type = device_type
         self.shapes = [tuple(shape)]
         for step in steps:
             self.shapes.append(tuple(step.output_length(a, n) for a, n in enumerate(self.shapes[-1])))
@@ -77,6 +84,26 @@ class Geometry:
                 self.block_of[i] = open_push
             if isinstance(step, ConvStep) and step.skip is not None:
                 open_push = None
+
+    def conv_workspace(self, index: int, out_edges: list[int]) -> int:
+        """Bytes a convolution allocates besides its output, for an output tile of ``out_edges``.
+
+        On the CPU, PyTorch runs a float32 conv3d whose B * C_in * D_in * H_in <= 20480 (small tiles,
+        1-channel inputs) through im2col + GEMM ("Slow3d"), with a column buffer of
+        C_in * kernel volume * output voxels; larger ones through oneDNN, which was measured to
+        need about one output tile (channels_last) or a reordered input and output (contiguous).
+        """
+        step = self.steps[index]
+        assert isinstance(step, ConvStep)
+        b, e, c_in = self.batch, ELEMENT_BYTES, self.channels[index]
+        out = b * step.out_channels * math.prod(out_edges) * e
+        if step.transposed:
+            return out
+        k, s = step.conv.kernel_size, step.conv.stride
+        padded = [s[a] * (out_edges[a] - 1) + k[a] for a in range(3)]
+        if self.device_type == "cpu" and b * c_in * padded[0] * padded[1] <= 20480:
+            return c_in * math.prod(k) * math.prod(out_edges) * e
+        return out if self.channels_last else out + b * c_in * math.prod(padded) * e
 
     def full_bytes(self, position: int) -> int:
         return self.batch * self.channels[position] * math.prod(self.shapes[position]) * ELEMENT_BYTES
@@ -114,30 +141,47 @@ class Geometry:
         largest = lambda p: math.prod(extents[a][p][1] for a in range(3))  # noqa: E731
         b, e = self.batch, ELEMENT_BYTES
         flops = 0.0
-        work = b * self.channels[start] * largest(start) * e  # the source tile (a copy)
+        tile_in = b * self.channels[start] * largest(start) * e  # the source tile (a copy)
+        work = tile_in
         for i in range(start, stop):
             step = self.steps[i]
             skip_channels = self.channels[self.block_of[i]] if i in self.block_of else 0
             flops += step.flops_per_output_voxel(skip_channels) * total(i + 1) * b
             flops += TILE_STEP_OVERHEAD_FLOPS * n_tiles
-            tile_in = b * self.channels[i] * largest(i) * e
             tile_out = b * self.channels[i + 1] * largest(i + 1) * e
             held = 0  # the residual block's input tile, kept for its skip connection
             if i in self.block_of and self.block_of[i] >= start and self.block_of[i] != i:
                 held = b * self.channels[self.block_of[i]] * largest(self.block_of[i]) * e
             if isinstance(step, ConvStep):
-                k, s = step.conv.kernel_size, step.conv.stride
                 out_edges = [extents[a][i + 1][1] for a in range(3)]
-                padded = b * self.channels[i] * math.prod(s[a] * (out_edges[a] - 1) + k[a] for a in range(3)) * e
-                upsampled = 8 * tile_in if step.upsample else 0
-                workspace = tile_out if self.channels_last else tile_in + upsampled + tile_out
+                if step.transposed:  # zero-padded coarse tile -> transposed conv -> cropped view
+                    coarse = [edge // 2 + 2 for edge in out_edges]
+                    padded = b * self.channels[i] * math.prod(coarse) * e
+                    out_edges = [2 * c for c in coarse]
+                    tile_out = b * self.channels[i + 1] * math.prod(out_edges) * e
+                    upsampled = 0
+                else:
+                    k, s = step.conv.kernel_size, step.conv.stride
+                    padded = b * self.channels[i] * math.prod(s[a] * (out_edges[a] - 1) + k[a] for a in range(3)) * e
+                    upsampled = 8 * tile_in if step.upsample else 0
+                workspace = self.conv_workspace(i, out_edges)
                 live = held + tile_in + upsampled + padded + tile_out + workspace
                 if step.skip is not None:  # after the conv: output, cropped block input, skip output
                     live = max(live, held + 3 * tile_out)
             else:
                 live = held + tile_in + tile_out
             work = max(work, live)
+            tile_in = tile_out
         return flops, work
+
+
+def _whole_step_bytes(geometry: Geometry, index: int) -> int:
+    """Working memory of a module run on the whole tensor (self-attention): about 8 full tensors
+    (normalised input, q, k, v, output, projection) plus 2.5 x heads x tokens^2 attention scores
+    (scores and softmax of the math kernel, which CPU float32 attention was measured to take)."""
+    tokens = math.prod(geometry.shapes[index])
+    heads = getattr(geometry.steps[index].module, "num_heads", 1)
+    return 8 * geometry.full_bytes(index) + int(2.5 * geometry.batch * heads * tokens**2 * ELEMENT_BYTES)
 
 
 def _tile_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
@@ -169,7 +213,8 @@ def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget:
                 continue
             key, best_key = (flops, -peak), best and (best.flops, -best.peak_bytes)
         if best is None or key < best_key:
-            best = Pass(start, stop, tile, produce, flops, peak)
+            tiles = math.prod(math.ceil(n / t) for n, t in zip(geometry.shapes[stop], tile))
+            best = Pass(start, stop, tile, produce, flops, peak, tiles)
     return best
 
 
@@ -180,9 +225,7 @@ def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass
         if stop - start != 1:
             return None
         fixed = (geometry.full_bytes(start) if start > 0 else 0) + geometry.full_bytes(stop)
-        # attention: normalised copy, q/k/v, output, projection (about 8 full tensors), plus scores
-        tokens = math.prod(geometry.shapes[start])
-        work = 8 * geometry.full_bytes(start) + geometry.batch * tokens * min(tokens, 1024) * ELEMENT_BYTES
+        work = _whole_step_bytes(geometry, start)
         peak = int(SAFETY_FACTOR * (fixed + work)) + SAFETY_BYTES
         return [Pass(start, stop, (0, 0, 0), True, 0.0, peak)] if peak <= budget else None
     passes = []
@@ -248,15 +291,14 @@ def estimate_one_pass_bytes(geometry: Geometry, input_copied: bool = False) -> i
             norm_input = current if inside and not step.push_skip else 0
         elif isinstance(step, ConvStep):
             upsampled = 8 * current if step.upsample else 0
-            workspace = out if geometry.channels_last else current + upsampled + out
+            workspace = geometry.conv_workspace(i, list(geometry.shapes[i + 1]))
             held = block_input if inside else 0
             live = held + norm_input + current + upsampled + out + workspace
             if step.skip is not None:
                 live = max(live, block_input + 3 * out)
                 block_input = norm_input = 0
         else:
-            tokens = math.prod(geometry.shapes[i])
-            live = current + 8 * out + geometry.batch * tokens * min(tokens, 1024) * ELEMENT_BYTES
+            live = current + out + _whole_step_bytes(geometry, i)
         if i == 0:
             live -= current  # T_0 is the caller's input
         peak = max(peak, extra + live)

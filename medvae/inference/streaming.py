@@ -8,6 +8,8 @@ pass never overlap, so their GroupNorm statistics merge into the whole volume's.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import itertools
 
 import torch
@@ -17,6 +19,23 @@ from medvae.inference.statistics import GroupStatistics
 from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, _crop
 
 Statistics = dict[int, tuple[torch.Tensor, torch.Tensor]]  # step index -> (mean, rstd), (B, groups)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Hand freed heap memory back to the OS (glibc keeps tiles under 32 MiB in its heap otherwise,
+    and the next pass's differently sized tiles cannot reuse it: the resident set would grow)."""
+    if device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _tile_grid(shape: tuple[int, ...], tile: tuple[int, int, int]) -> list[list[Interval]]:
@@ -80,9 +99,12 @@ def run_plan(geometry: Geometry, plan: Plan, x: torch.Tensor, memory_format: tor
                     out = torch.empty(shape, dtype=tile.dtype, device=tile.device, memory_format=memory_format)
                 out[_index(region)] = tile
             del tile
+            release_freed_memory(x.device)
         if gather is not None:
             statistics[p.stop] = gather.result()
         if p.produce:
             current, position = out, p.stop
+        del out
+        release_freed_memory(x.device)
     assert position == len(steps)
     return current

@@ -43,11 +43,12 @@ def _memory_format(model: VAE3D) -> torch.memory_format:
     return torch.channels_last_3d if getattr(model.arch, "channels_last", False) else torch.contiguous_format
 
 
-def _geometry(model: VAE3D, part: str, shape: tuple[int, ...]) -> Geometry:
+def _geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None) -> Geometry:
     """Steps and tensor shapes of ``model.encoder`` or ``model.decoder`` for input shape (B, C, D, H, W)."""
     net = getattr(model, part)
     steps = network_steps(net, shape[1])
-    return Geometry(steps, shape[0], tuple(shape[2:]), _memory_format(model) == torch.channels_last_3d)
+    device = device or next(model.parameters()).device
+    return Geometry(steps, shape[0], tuple(shape[2:]), _memory_format(model) == torch.channels_last_3d, device.type)
 
 
 def _check_volume(model: VAE3D, x: torch.Tensor, channels: int, what: str, multiple: int) -> None:
@@ -82,18 +83,20 @@ def _inference(model: VAE3D) -> Iterator[None]:
         model.train(was_training)
 
 
-def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None, device: str | torch.device = "cpu") -> Plan:
+def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None) -> Plan:
     """The plan ``encode_volume`` would use for an input of ``shape`` (B, C, D, H, W).
 
     ``plan.peak_bytes`` is the estimated peak of extra memory (intermediate tensors, tiles and
     the returned moments; not the input or the weights).
     """
-    return plan_volume(_geometry(model, "encoder", tuple(shape)), _budget(memory_budget, torch.device(device)))
+    geometry = _geometry(model, "encoder", tuple(shape))
+    return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
-def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None, device: str | torch.device = "cpu") -> Plan:
+def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None) -> Plan:
     """The plan ``decode_volume`` would use for a latent of ``shape`` (B, latent_channels, d, h, w)."""
-    return plan_volume(_geometry(model, "decoder", tuple(shape)), _budget(memory_budget, torch.device(device)))
+    geometry = _geometry(model, "decoder", tuple(shape))
+    return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
 def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None) -> DiagonalGaussian:
@@ -112,7 +115,7 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
         ValueError: a bad shape, or a budget below the smallest possible plan (the message names it).
     """
     _check_volume(model, x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
-    geometry = _geometry(model, "encoder", tuple(x.shape))
+    geometry = _geometry(model, "encoder", tuple(x.shape), x.device)
     plan = plan_volume(geometry, _budget(memory_budget, x.device))
     with _inference(model):
         if plan.one_pass:
@@ -137,7 +140,7 @@ def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = 
     Same budget semantics and guarantees as ``encode_volume``; equal to ``model.decode(z)``.
     """
     _check_volume(model, z, model.arch.latent_channels, "decode_volume", 1)
-    geometry = _geometry(model, "decoder", tuple(z.shape))
+    geometry = _geometry(model, "decoder", tuple(z.shape), z.device)
     plan = plan_volume(geometry, _budget(memory_budget, z.device))
     with _inference(model):
         if plan.one_pass:

@@ -29,6 +29,29 @@ def _suggested_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels_last_3d layout, unambiguously: a single-channel tensor gets channel stride 1
+    (a view), so that convolutions see channels-last input and return channels-last output."""
+    if x.shape[1] == 1 and x.is_contiguous():
+        b, _, d, h, w = x.shape
+        return x.as_strided(x.shape, (d * h * w, 1, h * w, w, 1))
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    """F.conv3d whose output keeps the layout of ``x`` (PyTorch's small-volume fallback kernel
+    returns contiguous output even for channels-last input)."""
+    return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=_suggested_format(x))
+
+
+def pointwise_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A 1x1x1 convolution; on channels-last input a matrix product over the channel axis."""
+    if _suggested_format(x) is torch.channels_last_3d:
+        out = F.linear(x.permute(0, 2, 3, 4, 1), conv.weight.flatten(1), conv.bias)  # (B, D, H, W, C_out)
+        return out.permute(0, 4, 1, 2, 3)
+    return conv(x)
+
+
 def _group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     # fp16 activations can hold values whose squares overflow; normalise those in float32.
     # bf16 has float32's exponent range and CPU kernels accumulate its statistics in float32.
@@ -78,7 +101,7 @@ class _NormSiLUConv(torch.autograd.Function):
             t, mean, rstd = _normalise_silu(x, norm, norm_weight, norm_bias, conv_dtype)
             activation = F.silu(t, inplace=True).to(conv_dtype)
             del t
-            y = F.conv3d(
+            y = _conv(
                 activation, conv_weight.to(conv_dtype), None if conv_bias is None else conv_bias.to(conv_dtype),
                 conv.stride, conv.padding,
             )
@@ -104,51 +127,74 @@ class _NormSiLUConv(torch.autograd.Function):
                 list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1,
                 [need_x or need_nw or need_nb, need_cw, need_cb and ctx.has_bias],
             )
-            del activation
+            if grad_activation is not None:
+                grad_activation = grad_activation.contiguous(memory_format=fmt)
             grad_x = grad_nw = grad_nb = None
             if need_x or need_nw or need_nb:
                 # d silu: written over t, which is not needed afterwards.
                 grad_t = torch.ops.aten.silu_backward.grad_input(grad_activation.to(t.dtype), t, grad_input=t)
-                del grad_activation
-                grad_x, grad_nw, grad_nb = _group_norm_backward(grad_t, x, mean, rstd, norm_weight, norm.num_groups)
+                spare = [activation, grad_activation]
+                del activation, grad_activation
+                grad_x, grad_nw, grad_nb = _group_norm_backward(grad_t, x, mean, rstd, norm_weight, norm.num_groups, spare)
         grad_cw = None if grad_cw is None else grad_cw.to(conv_weight.dtype)
         grad_cb = None if grad_cb is None else grad_cb.to(conv_weight.dtype)
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
 
 
+def _reuse_or_new(spare: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """A dead tensor from ``spare`` with the shape, dtype and layout of ``like``, else a new one.
+
+    Reusing buffers matters on CPU: every fresh large tensor costs page faults on first touch.
+    """
+    for i, t in enumerate(spare):
+        if t.shape == like.shape and t.dtype == like.dtype and t.stride() == like.stride():
+            return spare.pop(i)
+    return torch.empty_like(like)
+
+
 def _group_norm_backward(
-    grad_t: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, groups: int
+    grad_t: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    spare: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of group_norm(x) w.r.t. x, weight and bias, given d loss / d output ``grad_t``.
 
     dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)), written as
-    A_c * g + B_c * x + C_c with per-(sample, channel) coefficients from two channel sums. Done with
-    plain tensor ops because PyTorch's channels-last CPU kernel is slow for 1-2 channels per group
-    (and very slow in bf16). ``grad_t`` is overwritten. Coefficients are float32.
+    A_c * g + B_c * (x - m_c) + C_c with per-(sample, channel) float32 coefficients from two channel
+    sums, where m_c is the group mean rounded to x's dtype: centring first keeps the sums well
+    conditioned in bf16. Plain tensor ops, because PyTorch's channels-last CPU kernel is slow for 1-2
+    channels per group (very slow in bf16). ``spare`` holds dead buffers that may be reused.
     """
     b, c = x.shape[:2]
     per_group = c // groups
     count = per_group * x[0, 0].numel()
     dims = (2, 3, 4)
-    xs = x.to(grad_t.dtype)
-    sum_g = grad_t.sum(dims).float()  # (B, C)
-    product = torch.mul(grad_t, xs)
-    sum_gx = product.sum(dims).float()
+    shape = (b, c, 1, 1, 1)
     mean_c = mean.float().repeat_interleave(per_group, dim=1)  # (B, C)
     rstd_c = rstd.float().repeat_interleave(per_group, dim=1)
+    mean_rounded = mean_c.to(grad_t.dtype)
+    centred = torch.sub(x, mean_rounded.view(shape), out=_reuse_or_new(spare, grad_t))
+    product = torch.mul(grad_t, centred, out=_reuse_or_new(spare, grad_t))
+    sum_g = grad_t.sum(dims).float()  # (B, C)
+    shift = mean_rounded.float() - mean_c  # x - mean = centred + shift
+    sum_g_xhat = rstd_c * (product.sum(dims).float() + shift * sum_g)  # sum over voxels of g * xhat
     gamma = weight.float()
-    sum_g_xhat = rstd_c * (sum_gx - mean_c * sum_g)  # (B, C): sum over voxels of g * xhat
     grad_weight = sum_g_xhat.sum(0).to(weight.dtype)
     grad_bias = sum_g.sum(0).to(weight.dtype)
     a_g = (gamma * sum_g).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g)
     b_g = (gamma * sum_g_xhat).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g * xhat)
     b_c = b_g.repeat_interleave(per_group, dim=1)
     a_c = a_g.repeat_interleave(per_group, dim=1)
-    coef_g = (rstd_c * gamma).to(grad_t.dtype).view(b, c, 1, 1, 1)
-    coef_x = (-rstd_c * rstd_c * b_c).to(grad_t.dtype).view(b, c, 1, 1, 1)
-    const = (rstd_c * (rstd_c * b_c * mean_c - a_c)).to(grad_t.dtype).view(b, c, 1, 1, 1)
-    grad_x = torch.addcmul(const, grad_t, coef_g, out=product)
-    grad_x.addcmul_(xs, coef_x)
+    coef_g = rstd_c * gamma
+    coef_centred = -rstd_c * rstd_c * b_c
+    const = -rstd_c * a_c + coef_centred * shift
+    dtype = grad_t.dtype
+    grad_x = torch.addcmul(const.to(dtype).view(shape), grad_t, coef_g.to(dtype).view(shape), out=product)
+    grad_x.addcmul_(centred, coef_centred.to(dtype).view(shape))
     return grad_x.to(x.dtype), grad_weight, grad_bias
 
 
@@ -170,7 +216,7 @@ def norm_silu_conv(x: torch.Tensor, norm: GroupNormSiLU, conv: nn.Conv3d, float3
         with torch.autocast(device_type=device, enabled=False):
             t, _, _ = _normalise_silu(x, norm, norm.weight, norm.bias, conv_dtype)
             activation = F.silu(t, inplace=True).to(conv_dtype)
-            return F.conv3d(
+            return _conv(
                 activation, conv.weight.to(conv_dtype), None if conv.bias is None else conv.bias.to(conv_dtype),
                 conv.stride, conv.padding,
             )
@@ -214,7 +260,8 @@ class ResBlock(nn.Module):
         else:
             h = norm_silu_conv(h, self.norm2, self.conv2)
         # In place: h is a fresh conv output that nothing saved for backward.
-        return h.add_(self.skip(x))
+        skip = pointwise_conv(x, self.skip) if isinstance(self.skip, nn.Conv3d) else x
+        return h.add_(skip)
 
 
 class Downsample(nn.Module):
@@ -225,7 +272,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv3d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return _conv(x, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding)
 
 
 # Nearest x2 then a 3-tap kernel w[0..2] (offsets -1, 0, +1) gives, per axis,
@@ -256,12 +303,11 @@ def _phase_view(y8: torch.Tensor) -> torch.Tensor:
 
 
 class _InterleavePhases(torch.autograd.Function):
-    """(B, 8C, n+1, n+1, n+1) phase outputs -> (B, C, 2n, 2n, 2n), keeping the memory format."""
+    """(B, 8C, n+1, n+1, n+1) phase outputs -> (B, C, 2n, 2n, 2n) in memory format ``fmt``."""
 
     @staticmethod
-    def forward(ctx, y8):
+    def forward(ctx, y8, fmt):
         b, c8, d1, h1, w1 = y8.shape
-        fmt = _suggested_format(y8)
         out = torch.empty((b, c8 // 8, 2 * (d1 - 1), 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y8.dtype, device=y8.device, memory_format=fmt)
         out.view(_phase_view(y8).shape).copy_(_phase_view(y8))
         ctx.y8_shape, ctx.fmt = y8.shape, fmt
@@ -269,10 +315,10 @@ class _InterleavePhases(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_y8 = torch.zeros(ctx.y8_shape, dtype=grad_out.dtype, device=grad_out.device).contiguous(memory_format=ctx.fmt)
+        grad_y8 = torch.empty(ctx.y8_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=ctx.fmt).zero_()
         view = _phase_view(grad_y8)
         view.copy_(grad_out.view(view.shape))
-        return grad_y8
+        return grad_y8, None
 
 
 class Upsample(nn.Module):
@@ -289,7 +335,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = subpixel_weight(self.conv.weight)
         bias = self.conv.bias.repeat(8)
-        return _InterleavePhases.apply(F.conv3d(x, weight, bias, padding=1))
+        fmt = _suggested_format(x)
+        return _InterleavePhases.apply(_conv(x, weight, bias, 1, 1), fmt)
 
 
 class Attention(nn.Module):

@@ -12,7 +12,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, norm_silu_conv, run_block
+from medvae.models.blocks import (
+    Downsample,
+    GroupNormSiLU,
+    MidBlock,
+    ResBlock,
+    Upsample,
+    channels_last,
+    norm_silu_conv,
+    run_block,
+)
 from medvae.models.posterior import DiagonalGaussian
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
@@ -120,6 +129,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.arch.gradient_checkpointing
         h = self.conv_in(x)
+        if self.arch.channels_last:  # the small-volume fallback conv kernel returns contiguous output
+            h = channels_last(h)
         for level in self.levels:
             for block in level.res_blocks:
                 h = run_block(block, h, ckpt)
@@ -152,6 +163,8 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         ckpt = self.arch.gradient_checkpointing
         h = self.conv_in(z)
+        if self.arch.channels_last:  # the small-volume fallback conv kernel returns contiguous output
+            h = channels_last(h)
         if self.mid is not None:
             h = run_block(self.mid, h, ckpt)
         for level in self.levels:
@@ -204,7 +217,7 @@ class VAE3D(nn.Module):
                 f"pad or crop each of D, H, W to a multiple of {f}"
             )
         if self.arch.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            x = channels_last(x)
         return x
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -218,7 +231,7 @@ class VAE3D(nn.Module):
         if z.ndim != 5 or z.shape[1] != self.arch.latent_channels:
             raise ValueError(f"expected a latent (B, {self.arch.latent_channels}, d, h, w), got shape {tuple(z.shape)}")
         if self.arch.channels_last:
-            z = z.contiguous(memory_format=torch.channels_last_3d)
+            z = channels_last(z)
         return self.decoder(z)
 
     def forward(

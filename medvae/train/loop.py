@@ -127,7 +127,12 @@ def train(config: Config) -> TrainResult:
     optimizer = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
     discriminator = disc_optimizer = None
     if config.loss.adversarial_weight > 0:
-        discriminator = PatchDiscriminator3D(in_channels=config.model.in_channels)
+        loss_config = config.loss
+        discriminator = PatchDiscriminator3D(
+            in_channels=config.model.in_channels, channels=loss_config.discriminator_channels,
+            num_layers=loss_config.discriminator_layers, norm=loss_config.discriminator_norm,
+            spectral_norm=loss_config.discriminator_spectral_norm,
+        )
         disc_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=t.lr, betas=(0.5, 0.9))
         model, optimizer, discriminator, disc_optimizer, loader = accelerator.prepare(
             model, optimizer, discriminator, disc_optimizer, loader
@@ -177,7 +182,7 @@ def train(config: Config) -> TrainResult:
     while state["step"] < t.max_steps:
         # Deterministic order: epoch and position follow from the micro-batches already consumed.
         epoch, skip = divmod(state["micro_batches"], len(loader))
-        ordered.set_epoch(epoch)
+        ordered.use_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
             step = state["step"]
@@ -187,7 +192,7 @@ def train(config: Config) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            x = torch.as_tensor(batch["image"]).to(accelerator.device)
+            x = _plain_tensor(batch["image"]).to(accelerator.device)
             if t.faults.nan_at_step == step:
                 x = torch.full_like(x, float("nan"))
             seen_ids.extend(batch.get("id", []))
@@ -281,7 +286,7 @@ def train(config: Config) -> TrainResult:
                 step_started, window_voxels = time.perf_counter(), 0
 
             if t.val_every and (state["step"] % t.val_every == 0 or state["step"] == t.max_steps):
-                if accelerator.is_main_process and val_set is not None and len(val_set) > 0:
+                if len(val_set) >= accelerator.num_processes:
                     scores = validate(ema.module if ema is not None else unwrapped, val_set, accelerator,
                                       run_dir, state["step"], tracker)
                     tracker.log(scores, step=state["step"])
@@ -330,6 +335,11 @@ def _discriminator_step(accelerator, discriminator, optimizer, real, fake, confi
     torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _plain_tensor(image) -> torch.Tensor:
+    """A MONAI MetaTensor's data as a plain tensor: metadata stays with the data pipeline."""
+    return image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
 
 
 def _collate():

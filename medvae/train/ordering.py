@@ -36,7 +36,9 @@ class EpochOrderedDataset(Dataset):
         generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
         return torch.randperm(n, generator=generator).numpy()
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
+        # Not named set_epoch on purpose: Accelerate calls dataset.set_epoch(number of times the
+        # loader was iterated), which restarts at 0 in a resumed run.
         self.epoch = int(epoch)
         self._permutation = self._make_permutation(self.epoch)
 

@@ -15,8 +15,10 @@ from medvae.models import VAE3D
 def validate(model: VAE3D, val_set, accelerator: Accelerator, run_dir: Path, step: int, tracker) -> dict[str, float]:
     """Reconstruct every validation volume from its posterior mean; return mean PSNR/SSIM.
 
-    Metrics are on the normalised intensity scale with data range 1 (the [0, 1] presets); the
-    first volume's input/reconstruction preview is written to ``run_dir/previews`` and logged.
+    Called on every rank: each rank reconstructs its share of the volumes (i = rank, rank + world,
+    ...) and MONAI's cumulative metrics all-gather the per-volume scores in ``aggregate``. Metrics
+    are on the normalised intensity scale with data range 1 (the [0, 1] presets); the first
+    volume's input/reconstruction preview is written to ``run_dir/previews`` and logged.
     """
     from medvae.tracking.preview import triplanar_preview
 
@@ -25,14 +27,17 @@ def validate(model: VAE3D, val_set, accelerator: Accelerator, run_dir: Path, ste
     psnr = PSNRMetric(max_val=1.0)
     ssim = SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)
     preview_path = None
-    for index in range(len(val_set)):
+    # SSIM needs 7 voxels a side; decide for the whole set so every rank gathers the same metrics.
+    use_ssim = all(min(val_set[i]["image"].shape[1:]) >= 7 for i in range(len(val_set)))
+    for index in range(accelerator.process_index, len(val_set), accelerator.num_processes):
         item = val_set[index]
-        x = torch.as_tensor(item["image"])[None].to(accelerator.device)
+        image = item["image"]
+        x = (image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image))[None].to(accelerator.device)
         with accelerator.autocast():
             recon = model.decode(model.encode(x).mode())
         recon = recon.float()
         psnr(recon.clamp(0, 1), x.clamp(0, 1))
-        if min(x.shape[2:]) >= 7:
+        if use_ssim:
             ssim(recon.clamp(0, 1), x.clamp(0, 1))
         if index == 0:
             preview_path = triplanar_preview(
@@ -40,10 +45,8 @@ def validate(model: VAE3D, val_set, accelerator: Accelerator, run_dir: Path, ste
                 Path(run_dir) / "previews" / f"step_{step:06d}.png",
             )
     scores = {"val/psnr": float(psnr.aggregate().item())}
-    try:
+    if use_ssim:
         scores["val/ssim"] = float(ssim.aggregate().item())
-    except (RuntimeError, ValueError):  # no volume large enough for the SSIM window
-        pass
     if preview_path is not None:
         tracker.image("val/preview", preview_path, step)
     model.train(was_training)

@@ -1,0 +1,210 @@
+"""Peak memory and time of whole-volume encode and decode on CPU: memory-bounded vs one pass vs MONAI.
+
+    python benchmarks/inference_memory.py                        # 128^3, 256^3, 512^3
+    python benchmarks/inference_memory.py --sizes 128 --budget-gib 0.5
+
+Model: the comparison architecture, VAE3D(channels=(32, 64, 64), num_res_blocks=1,
+latent_channels=3, norm_num_groups=32), every parameter perturbed (weights by 0.5 / sqrt(fan-in)
+* randn, vectors by 0.05 * randn) so the zero-initialised convolutions take part. Input: the MNI152 T1 template (nilearn, 1 mm), scaled to
+[-1, 1] and resized (trilinear) to size^3. Methods, each part (encode, decode) in a fresh process:
+
+- ``bounded``: medvae.inference.encode_volume / decode_volume with --budget-gib.
+- ``one_pass``: model.encode / model.decode; skipped where its estimate exceeds --one-pass-limit-gib.
+- ``sliding_window``: monai.inferers.sliding_window_inference, roi 96^3 voxels (24^3 latent), overlap
+  0.25, gaussian blending; encode predicts the posterior mean, decode the voxels.
+
+Peak memory is the process's peak resident set (VmHWM, reset just before the call) minus its
+resident set before the call (model, input and libraries loaded, one small warm-up run done).
+Decoders all decode the latent of the bounded encoder. Max abs differences are against one pass.
+Writes benchmarks/out/inference_memory.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "out"
+CACHE = OUT / "inference_memory_cache"
+ARCH = dict(channels=(32, 64, 64), num_res_blocks=1, latent_channels=3, norm_num_groups=32)
+ROI = 96
+GIB = 2**30
+
+
+def _status(field: str) -> int:
+    """A memory field of /proc/self/status in bytes (VmRSS: now; VmHWM: peak since the last reset)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set (Linux >= 4.0)
+        f.write("5")
+
+
+def build_model():
+    from medvae.models import VAE3D
+
+    torch.manual_seed(0)
+    model = VAE3D(**ARCH).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = 0.5 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.05
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def make_volume(size: int) -> torch.Tensor:
+    """(1, 1, size, size, size) MNI152 T1 in [-1, 1]."""
+    import torch.nn.functional as F
+    from nilearn.datasets import load_mni152_template
+
+    data = torch.from_numpy(load_mni152_template(resolution=1).get_fdata().astype("float32"))
+    data = (data - data.min()) / (data.max() - data.min()) * 2 - 1
+    return F.interpolate(data[None, None], size=(size,) * 3, mode="trilinear", align_corners=False)
+
+
+def _cache(part: str, method: str, size: int) -> Path:
+    return CACHE / f"{part}_{method}_{size}.pt"
+
+
+def worker(config: dict) -> dict:
+    """Run one (size, method, part) and measure it; save the output for later comparison."""
+    from monai.inferers import sliding_window_inference
+
+    from medvae.inference import decode_volume, encode_volume, estimate_one_pass_bytes, plan_decode, plan_encode
+    from medvae.inference.volume import _geometry
+
+    size, method, part, budget = config["size"], config["method"], config["part"], config["budget"]
+    model = build_model()
+    f = model.downsampling_factor
+    if part == "encode":
+        data = make_volume(size)
+    else:
+        data = torch.load(_cache("encode", "bounded", size))
+    with torch.no_grad():  # warm-up: load kernels and thread pools outside the measurement
+        small = torch.zeros(1, data.shape[1], 16, 16, 16)
+        model.encode(small) if part == "encode" else model.decode(small[:, :, :4, :4, :4])
+    gc.collect()
+    result = dict(config)
+    shape = tuple(data.shape)
+    if method == "bounded":
+        plan = (plan_encode if part == "encode" else plan_decode)(model, shape, budget)
+        result["estimate_bytes"] = plan.peak_bytes
+        result["passes"] = len(plan.passes)
+        result["one_pass_chosen"] = plan.one_pass
+    elif method == "one_pass":
+        result["estimate_bytes"] = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
+    baseline = _status("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if method == "bounded":
+            out = encode_volume(model, data, memory_budget=budget).mean if part == "encode" else decode_volume(model, data, memory_budget=budget)
+        elif method == "one_pass":
+            out = model.encode(data).mean if part == "encode" else model.decode(data)
+        else:
+            roi = ROI if part == "encode" else ROI // f
+            predictor = (lambda p: model.encode(p).mean) if part == "encode" else model.decode
+            out = sliding_window_inference(data, roi, 1, predictor, overlap=0.25, mode="gaussian")
+    result["seconds"] = time.perf_counter() - start
+    result["peak_bytes"] = _status("VmHWM") - baseline
+    result["output_shape"] = list(out.shape)
+    if part == "encode" or size <= 256:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(out.contiguous(), _cache(part, method, size))
+    return result
+
+
+def _run_worker(config: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(config)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(config, error=f"timed out after {timeout:.0f} s")
+    if done.returncode != 0:
+        return dict(config, error=done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _differences(results: list[dict]) -> None:
+    """Max abs difference of each output against the one-pass output of the same size and part."""
+    for r in results:
+        ref = _cache(r["part"], "one_pass", r["size"])
+        mine = _cache(r["part"], r["method"], r["size"])
+        if "error" not in r and ref.exists() and mine.exists():
+            r["max_abs_diff_vs_one_pass"] = (torch.load(mine) - torch.load(ref)).abs().max().item()
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        gib = lambda key: f"{r[key] / GIB:.2f}" if r.get(key) is not None else "-"  # noqa: E731
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {r.get('error') or r['skipped']} |")
+            continue
+        diff = r.get("max_abs_diff_vs_one_pass")
+        lines.append(
+            f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | "
+            f"{gib('peak_bytes')} | {r['seconds']:.1f} | {'-' if diff is None else f'{diff:.2e}'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    parser.add_argument("--methods", nargs="+", default=["bounded", "one_pass", "sliding_window"])
+    parser.add_argument("--parts", nargs="+", default=["encode", "decode"])
+    parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of the bounded path")
+    parser.add_argument("--one-pass-limit-gib", type=float, default=16.0, help="skip one pass above this estimate")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
+    parser.add_argument("--out", type=Path, default=OUT / "inference_memory.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    from medvae.atomic import atomic_file
+    from medvae.inference import estimate_one_pass_bytes
+    from medvae.inference.volume import _geometry
+
+    model = build_model()
+    f = model.downsampling_factor
+    results = []
+    for size in args.sizes:
+        for part in args.parts:
+            shape = (1, 1, size, size, size) if part == "encode" else (1, ARCH["latent_channels"]) + (size // f,) * 3
+            one_pass = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
+            for method in args.methods:
+                config = dict(size=size, part=part, method=method, budget=int(args.budget_gib * GIB) if method == "bounded" else None)
+                if method == "one_pass" and one_pass > args.one_pass_limit_gib * GIB:
+                    results.append(dict(config, estimate_bytes=one_pass, skipped=f"skipped: estimate {one_pass / GIB:.1f} GiB"))
+                else:
+                    results.append(_run_worker(config, args.timeout))
+                print(json.dumps(results[-1]), flush=True)
+    _differences(results)
+    text = table(results)
+    print(text)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(json.dumps({"arch": ARCH, "threads": torch.get_num_threads(), "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
