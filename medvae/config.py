@@ -46,7 +46,7 @@ class ModelConfig:
 @dataclass
 class IntensityConfig:
     # ct_window: clip a HU window and scale to [0, 1]; mri_percentile: scale percentiles to [0, 1];
-    # zscore: zero mean, unit variance over the foreground. Each has an exact inverse.
+    # zscore: zero mean, unit variance over the foreground; none: leave as is. Each has an exact inverse.
     preset: str = "mri_percentile"
     window_min: float = -1000.0  # HU mapped to 0 (ct_window)
     window_max: float = 1000.0  # HU mapped to 1 (ct_window)
@@ -56,7 +56,7 @@ class IntensityConfig:
     foreground_threshold: float = 0.0  # voxels above this count as foreground (zscore)
 
     def __post_init__(self) -> None:
-        _choice("data.intensity", "preset", self.preset, ("ct_window", "mri_percentile", "zscore"))
+        _choice("data.intensity", "preset", self.preset, ("ct_window", "mri_percentile", "zscore", "none"))
         if self.window_max <= self.window_min:
             raise ConfigError(f"data.intensity.window_max ({self.window_max}) must exceed window_min ({self.window_min})")
         if not 0 <= self.lower_percentile < self.upper_percentile <= 100:

@@ -22,15 +22,16 @@ HOSTILE = ["train.mixed_precision=fp16", "train.lr=1e-2", "loss.kl_weight=1.0", 
 def test_naive_fp16_loop_goes_nonfinite_on_hounsfield_units():
     volumes = torch.stack([torch.from_numpy(phantom((16, 16, 16), seed=s, scale=3000.0, offset=-1024.0))[None]
                            for s in range(2)])
-    run = naive_monai_run(volumes, steps=8, lr=1e-2, kl_weight=1.0, precision="fp16",
-                          channels=(8, 16), norm_num_groups=4)
-    assert run.first_nonfinite_step is not None and run.first_nonfinite_step < 8
+    # the comparison architecture: channels (32, 64, 64), one res block, latent 3, 32 groups
+    run = naive_monai_run(volumes, steps=5, lr=1e-2, kl_weight=1.0, precision="fp16")
+    assert run.first_nonfinite_step is not None and run.first_nonfinite_step < 5
     assert not run.weights_finite
 
 
 def test_medvae_defaults_survive_the_same_settings(tmp_path):
     write_phantoms(tmp_path / "data", count=4, shape=(16, 16, 16), scale=3000.0, offset=-1024.0)
-    result = run_medvae_train(tmp_path, TINY_TRAINING + HOSTILE + [
+    same_architecture = ["model.channels=[32,64,64]", "model.norm_num_groups=32", "model.latent_channels=3"]
+    result = run_medvae_train(tmp_path, TINY_TRAINING + same_architecture + HOSTILE + [
         f"data.train={tmp_path / 'data'}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=8",
         "train.warmup_steps=1", "train.val_every=0", "train.checkpoint_every=100",
     ])

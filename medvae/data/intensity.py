@@ -6,6 +6,8 @@ Each preset is one affine map per volume, recorded in the image's metadata so it
   fixed, so every volume uses the same map.
 - ``mri_percentile``: scale the volume's lower..upper percentiles (0.5..99.5) to [0, 1], clipped.
   The percentiles are measured per volume.
+- ``none``: leave intensities as they are (for data normalised elsewhere, and for stress tests
+  of training on raw HU). The inverse is the identity.
 - ``zscore``: subtract the mean and divide by the standard deviation of the foreground (voxels
   above ``foreground_threshold``), applied to every voxel. Measured per volume.
 
@@ -28,7 +30,7 @@ from monai.transforms import MapTransform, NormalizeIntensity, ScaleIntensityRan
 
 from medvae.config import DataConfig, IntensityConfig
 
-PRESETS = ("ct_window", "mri_percentile", "zscore")
+PRESETS = ("ct_window", "mri_percentile", "zscore", "none")
 PER_VOLUME_PRESETS = ("mri_percentile", "zscore")  # parameters measured on each volume
 
 
@@ -127,6 +129,16 @@ class ForegroundZScored(MapTransform):
         return d
 
 
+class RecordIdentityd(MapTransform):
+    """The ``none`` preset: intensities pass through unchanged; records that nothing was done."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _record(d[key], {"preset": "none"})
+        return d
+
+
 def intensity_transform(config: IntensityConfig, keys: KeysCollection = "image") -> MapTransform:
     """The dictionary transform for ``config.preset``."""
     if config.preset == "ct_window":
@@ -135,6 +147,8 @@ def intensity_transform(config: IntensityConfig, keys: KeysCollection = "image")
         return PercentileScaled(keys, config.lower_percentile, config.upper_percentile, clip=config.clip)
     if config.preset == "zscore":
         return ForegroundZScored(keys, config.foreground_threshold)
+    if config.preset == "none":
+        return RecordIdentityd(keys)
     raise ValueError(f"data.intensity.preset: {config.preset!r} is not one of {', '.join(PRESETS)}")
 
 
@@ -147,6 +161,8 @@ def invert_intensity(x: torch.Tensor | np.ndarray, params: Mapping[str, Any]) ->
     """
     preset = params.get("preset")
     try:
+        if preset == "none":
+            return x * 1.0
         if preset == "zscore":
             mean, std = float(params["mean"]), float(params["std"])
             return x * std + mean
@@ -193,7 +209,7 @@ def preprocessing_description(
     elif ic.preset == "mri_percentile":
         intensity.update(lower_percentile=ic.lower_percentile, upper_percentile=ic.upper_percentile,
                          b_min=0.0, b_max=1.0, clip=ic.clip)
-    else:
+    elif ic.preset == "zscore":
         intensity.update(foreground_threshold=ic.foreground_threshold)
     if ic.preset in PER_VOLUME_PRESETS:
         intensity["per_volume"] = True  # each input is scaled by its own parameters; these are medians

@@ -23,9 +23,11 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _suggested_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last_3d if ``x`` is laid out that way, else contiguous."""
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
+    """channels_last_3d if ``x`` is laid out that way (a single channel counts when its stride is 1,
+    as ``channels_last`` makes it), else contiguous."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        if not x.is_contiguous() or (x.shape[1] == 1 and x.stride(1) == 1 and x[0, 0].numel() > 1):
+            return torch.channels_last_3d
     return torch.contiguous_format
 
 
@@ -38,10 +40,44 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
+_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
-    """F.conv3d whose output keeps the layout of ``x`` (PyTorch's small-volume fallback kernel
-    returns contiguous output even for channels-last input)."""
-    return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=_suggested_format(x))
+    """conv3d whose output keeps the layout of ``x``.
+
+    On CPU with channels-last input this calls the oneDNN kernel directly: PyTorch's heuristic
+    sends small or single-channel fp32 volumes to a fallback kernel that is slower and returns
+    contiguous output (which then costs a layout copy, forward and backward).
+    """
+    fmt = _suggested_format(x)
+    if (
+        x.device.type == "cpu"
+        and fmt is torch.channels_last_3d
+        and x.dtype in _MKLDNN_DTYPES
+        and x.dtype == weight.dtype
+        and torch.backends.mkldnn.is_available()
+    ):
+        stride, padding = _triple(stride), _triple(padding)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
+
+
+def _triple(v) -> list[int]:
+    return [int(v)] * 3 if isinstance(v, int) else [int(i) for i in v]
+
+
+def conv3d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv(x)`` under autocast rules, keeping the memory format of ``x`` (see ``_conv``)."""
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        bias = None if conv.bias is None else conv.bias.to(dtype)
+        weight = conv.weight.to(dtype)
+        if weight.shape[1] == 1 and _suggested_format(x) is torch.channels_last_3d:
+            weight = channels_last(weight)
+        return _conv(x.to(dtype), weight, bias, conv.stride, conv.padding)
 
 
 def pointwise_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -272,7 +308,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv3d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _conv(x, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding)
+        return conv3d(x, self.conv)
 
 
 # Nearest x2 then a 3-tap kernel w[0..2] (offsets -1, 0, +1) gives, per axis,
@@ -315,7 +351,10 @@ class _InterleavePhases(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_y8 = torch.empty(ctx.y8_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=ctx.fmt).zero_()
+        grad_y8 = torch.empty(ctx.y8_shape, dtype=grad_out.dtype, device=grad_out.device, memory_format=ctx.fmt)
+        for axis in (2, 3, 4):  # only the first and last planes hold entries no output voxel reads
+            grad_y8.narrow(axis, 0, 1).zero_()
+            grad_y8.narrow(axis, grad_y8.shape[axis] - 1, 1).zero_()
         view = _phase_view(grad_y8)
         view.copy_(grad_out.view(view.shape))
         return grad_y8, None
@@ -333,10 +372,11 @@ class Upsample(nn.Module):
         self.conv = nn.Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = subpixel_weight(self.conv.weight)
-        bias = self.conv.bias.repeat(8)
-        fmt = _suggested_format(x)
-        return _InterleavePhases.apply(_conv(x, weight, bias, 1, 1), fmt)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        weight = subpixel_weight(self.conv.weight).to(dtype)
+        bias = self.conv.bias.repeat(8).to(dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _InterleavePhases.apply(_conv(x.to(dtype), weight, bias, 1, 1), _suggested_format(x))
 
 
 class Attention(nn.Module):

@@ -19,6 +19,7 @@ from medvae.models.blocks import (
     ResBlock,
     Upsample,
     channels_last,
+    conv3d,
     norm_silu_conv,
     run_block,
 )
@@ -128,9 +129,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ckpt = self.arch.gradient_checkpointing
-        h = self.conv_in(x)
-        if self.arch.channels_last:  # the small-volume fallback conv kernel returns contiguous output
-            h = channels_last(h)
+        h = conv3d(x, self.conv_in)
         for level in self.levels:
             for block in level.res_blocks:
                 h = run_block(block, h, ckpt)
@@ -162,9 +161,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         ckpt = self.arch.gradient_checkpointing
-        h = self.conv_in(z)
-        if self.arch.channels_last:  # the small-volume fallback conv kernel returns contiguous output
-            h = channels_last(h)
+        h = conv3d(z, self.conv_in)
         if self.mid is not None:
             h = run_block(self.mid, h, ckpt)
         for level in self.levels:

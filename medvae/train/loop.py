@@ -34,6 +34,7 @@ from medvae.models.discriminator import PatchDiscriminator3D
 from medvae.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from medvae.train.guard import DivergenceError, DivergenceGuard, GuardEvent, most_severe_action
 from medvae.train.ordering import EpochOrderedDataset
+from medvae.train.precision import Precision, accelerate_mixed_precision
 from medvae.train.validation import validate
 
 log = logging.getLogger("medvae.train")
@@ -92,12 +93,14 @@ class TrainResult:
 def train(config: Config) -> TrainResult:
     """Train a VAE3D as ``config`` says; return the run folder and this rank's model."""
     t = config.train
+    use_cpu = t.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=accelerate_mixed_precision(t.mixed_precision, use_cpu),
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         # Without CUDA, cpu=True gives real gloo ranks under `accelerate launch --multi_gpu`.
-        cpu=t.cpu or not torch.cuda.is_available(),
+        cpu=use_cpu,
     )
+    precision = Precision(accelerator, t.mixed_precision)
     run_dir = Path(t.output_dir).resolve()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,12 +152,14 @@ def train(config: Config) -> TrainResult:
     loss_fn = VAELoss(config.loss)
     guard = DivergenceGuard(t.guard, kl_collapse_channels=config.model.latent_channels)
     snapshot = _Snapshot()
-    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "lr_scale": 1.0, "guard": guard.state_dict()}
+    state: dict[str, Any] = {"step": 0, "micro_batches": 0, "lr_scale": 1.0, "guard": guard.state_dict(),
+                             "cpu_grad_scaler": precision.state_dict()}
 
     resume_from = resolve_resume(t.resume, run_dir)
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from)
         guard.load_state_dict(state["guard"])
+        precision.load_state_dict(state.get("cpu_grad_scaler", {}))
         if ema is not None and (resume_from / "ema.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -197,18 +202,18 @@ def train(config: Config) -> TrainResult:
                 x = torch.full_like(x, float("nan"))
             seen_ids.extend(batch.get("id", []))
             with accelerator.accumulate(model):
-                with accelerator.autocast():
+                with precision.autocast():
                     # Posterior noise seeded by (seed, rank, micro-batch): reproducible on resume.
                     noise.manual_seed(t.seed * 1_000_003 + accelerator.process_index * 10_007 + state["micro_batches"])
                     output = model(x, generator=noise)
                 disc_logits = None
                 if discriminator is not None and step >= config.loss.adversarial_start_step:
-                    with accelerator.autocast():
+                    with precision.autocast():
                         disc_logits = discriminator(output.reconstruction)
                 loss, parts = loss_fn(output, x, step, discriminator_logits=disc_logits)
                 # A non-finite loss would poison the all-reduced gradients: back-propagate zero instead.
                 loss_ok = bool(torch.isfinite(loss))
-                accelerator.backward(loss if loss_ok else loss.nan_to_num(0.0) * 0.0)
+                precision.backward(loss if loss_ok else loss.nan_to_num(0.0) * 0.0)
                 state["micro_batches"] += 1
                 window_voxels += x.numel()
                 if not accelerator.sync_gradients:
@@ -216,7 +221,7 @@ def train(config: Config) -> TrainResult:
 
                 # Unscale (fp16) and clip this optimizer's gradients only: Accelerate's
                 # clip_grad_norm_ would unscale every prepared optimizer, the discriminator's too.
-                accelerator.unscale_gradients(optimizer=optimizer)
+                precision.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
 
                 # Every rank judges the same numbers: average loss and KL over ranks first.
@@ -227,7 +232,7 @@ def train(config: Config) -> TrainResult:
                                                     reduction="mean")
                 # Under fp16 an infinite gradient with a finite loss is the grad scaler's business:
                 # it skips the step and lowers the scale; the guard records it as scaler_skip.
-                scaler_will_skip = (accelerator.scaler is not None and not math.isfinite(grad_norm)
+                scaler_will_skip = (precision.scaler is not None and not math.isfinite(grad_norm)
                                     and math.isfinite(stats[0].item()))
                 try:
                     events = guard.check(step=step, loss=stats[0].item(), kl=stats[1].item(), grad_norm=grad_norm,
@@ -242,8 +247,7 @@ def train(config: Config) -> TrainResult:
 
                 if action in ("skip", "lower_lr", "rollback"):
                     optimizer.zero_grad(set_to_none=True)
-                    if accelerator.scaler is not None:
-                        accelerator.scaler.update()  # close this step's unscale_ for the grad scaler
+                    precision.close_skipped_step()  # the scaler saw unscale_ but no step
                     if action in ("lower_lr", "rollback"):
                         state["lr_scale"] *= t.guard.lr_factor
                     if action == "rollback":
@@ -252,18 +256,18 @@ def train(config: Config) -> TrainResult:
                             ema.module.load_state_dict(unwrapped.state_dict())
                     applied = False
                 else:
-                    optimizer.step()
+                    applied = precision.step(optimizer)
                     optimizer.zero_grad(set_to_none=True)
-                    applied = not accelerator.optimizer_step_was_skipped
                     if applied and ema is not None:
                         ema.update_parameters(unwrapped)
 
                 if discriminator is not None and step >= config.loss.adversarial_start_step and applied:
-                    _discriminator_step(accelerator, discriminator, disc_optimizer, x, output.reconstruction,
+                    _discriminator_step(precision, discriminator, disc_optimizer, x, output.reconstruction,
                                         config, t.grad_clip)
 
             state["step"] = step + 1
             state["guard"] = guard.state_dict()
+            state["cpu_grad_scaler"] = precision.state_dict()
             if applied and not events and state["step"] % t.guard.snapshot_every == 0:
                 snapshot.take(state["step"], unwrapped, optimizer)
             progress.update(1)
@@ -277,8 +281,8 @@ def train(config: Config) -> TrainResult:
                     "train/voxels_per_second": window_voxels * accelerator.num_processes / max(elapsed, 1e-9),
                     "train/peak_memory_mb": _peak_memory_mb(accelerator.device),
                 })
-                if accelerator.scaler is not None:
-                    metrics["train/loss_scale"] = float(accelerator.scaler.get_scale())
+                if precision.scaler is not None:
+                    metrics["train/loss_scale"] = precision.loss_scale()
                 for c, value in enumerate(kl_per_channel.tolist()):
                     metrics[f"train/kl_channel_{c}"] = value
                 tracker.log(metrics, step=state["step"])
@@ -325,16 +329,19 @@ def _record_events(events: list[GuardEvent], batch: dict, tracker) -> None:
         tracker.event(event)
 
 
-def _discriminator_step(accelerator, discriminator, optimizer, real, fake, config: Config, clip: float) -> None:
-    with accelerator.autocast():
+def _discriminator_step(precision: Precision, discriminator, optimizer, real, fake, config: Config,
+                        clip: float) -> float:
+    """One discriminator update with its own unscale and clip; returns its gradient norm."""
+    with precision.autocast():
         real_logits = discriminator(real)
         fake_logits = discriminator(fake.detach())
     d_loss = discriminator_loss(real_logits.float(), fake_logits.float(), config.loss.adversarial_loss)
-    accelerator.backward(d_loss)
-    accelerator.unscale_gradients(optimizer=optimizer)
-    torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip)
-    optimizer.step()
+    precision.backward(d_loss)
+    precision.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(discriminator.parameters(), clip))
+    precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _plain_tensor(image) -> torch.Tensor:

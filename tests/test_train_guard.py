@@ -1,0 +1,49 @@
+"""Inject faults into a real run and check that the guard sees them, acts, and records them everywhere."""
+
+import torch
+
+from medvae import load_model
+from phantoms import write_phantoms
+from training_helpers import TINY_TRAINING, read_jsonl, run_medvae_train
+from wandb_offline import alerts, history_keys, read_records, run_files
+
+
+def test_nan_batch_and_lr_spike_are_caught_recovered_and_recorded(tmp_path):
+    write_phantoms(tmp_path / "data", count=5)
+    run = tmp_path / "run"
+    result = run_medvae_train(tmp_path, TINY_TRAINING + [
+        f"data.train={tmp_path / 'data'}", f"train.output_dir={run}", "train.max_steps=14",
+        "train.val_every=0", "train.checkpoint_every=100", "train.guard.min_history=3",
+        "train.guard.snapshot_every=2", "train.faults.nan_at_step=4",
+        "train.faults.lr_spike_at_step=8", "train.faults.lr_spike_factor=1e4",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    events = read_jsonl(run / "events.jsonl")
+    by_step = {}
+    for event in events:
+        by_step.setdefault(event["step"], []).append(event)
+    # the NaN batch: a non-finite loss, rolled back (the default), with the batch's files named
+    nan_events = by_step.get(4, [])
+    assert any(e["kind"] == "nonfinite_loss" and e["action"] == "rollback" for e in nan_events)
+    assert all(e["batch_ids"] and all(i.startswith("vol_") for i in e["batch_ids"]) for e in nan_events)
+    # the LR spike wrecks the weights; the next steps show it and are rolled back
+    after_spike = [e for step, es in by_step.items() if step > 8 for e in es]
+    assert any(e["kind"] in {"kl_spike", "grad_spike", "nonfinite_loss", "nonfinite_grad"} for e in after_spike)
+    assert any(e["action"] in {"rollback", "lower_lr", "skip"} for e in after_spike)
+
+    metrics = [row for row in read_jsonl(run / "metrics.jsonl") if "train/lr_scale" in row]
+    assert metrics[-1]["train/lr_scale"] < 1.0, "the LR was backed off"
+    assert metrics[-1]["train/step_applied"] == 1.0, "training recovered and goes on"
+
+    model = load_model(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    # the same events reached wandb: as logged keys and as alerts
+    files = run_files(run)
+    assert files, "no wandb offline run file"
+    records = read_records(files[0])
+    keys = history_keys(records)
+    assert "guard/nonfinite_loss" in keys and "guard/events_total" in keys
+    titles = [title + " " + text for title, text in alerts(records)]
+    assert any("nonfinite_loss" in title for title in titles)
