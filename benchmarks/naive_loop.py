@@ -33,29 +33,31 @@ class NaiveRun:
 
 
 def naive_monai_run(volumes: torch.Tensor, *, steps: int, lr: float, kl_weight: float, precision: str,
-                    grad_scaler: bool = False, seed: int = 0, channels=(32, 64, 64), norm_num_groups=32) -> NaiveRun:
+                    grad_scaler: bool = False, seed: int = 0, channels=(32, 64, 64), norm_num_groups=32,
+                    device: str = "cpu") -> NaiveRun:
     """Train AutoencoderKL on ``volumes`` (N, 1, D, H, W), cycling through them; record what happens.
 
     precision: "fp32", "bf16" or "fp16" (CPU autocast). With ``grad_scaler`` the usual AMP recipe
     (torch.amp.GradScaler) is used; otherwise plain autocast.
     """
     torch.manual_seed(seed)
-    model = monai_autoencoder(channels, norm_num_groups)
+    model = monai_autoencoder(channels, norm_num_groups).to(device)
+    volumes = volumes.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler("cpu") if grad_scaler and precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device) if grad_scaler and precision == "fp16" else None
     run = NaiveRun()
     for step in range(steps):
         x = volumes[step % len(volumes)][None]
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             recon, z_mu, z_sigma = model(x)
             rec = (recon - x).abs().mean()
             kl = 0.5 * torch.sum(z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2)) - 1, dim=[1, 2, 3, 4])
             kl = kl.sum() / kl.shape[0]
             loss = rec + kl_weight * kl
-        run.losses.append(float(loss))
-        run.kls.append(float(kl))
-        if not math.isfinite(float(loss)) and run.first_nonfinite_step is None:
+        run.losses.append(float(loss.detach()))
+        run.kls.append(float(kl.detach()))
+        if not math.isfinite(run.losses[-1]) and run.first_nonfinite_step is None:
             run.first_nonfinite_step = step
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

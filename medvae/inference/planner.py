@@ -88,22 +88,25 @@ class Geometry:
     def conv_workspace(self, index: int, out_edges: list[int]) -> int:
         """Bytes a convolution allocates besides its output, for an output tile of ``out_edges``.
 
-        On the CPU, PyTorch runs a float32 conv3d whose B * C_in * D_in * H_in <= 20480 (small tiles,
-        1-channel inputs) through im2col + GEMM ("Slow3d"), with a column buffer of
-        C_in * kernel volume * output voxels; larger ones through oneDNN, which was measured to
-        need about one output tile (channels_last) or a reordered input and output (contiguous).
+        CPU, channels-last: oneDNN directly (``conv3d_unpadded``), measured at a fraction of the
+        output. CPU, contiguous: PyTorch runs a float32 conv3d with B * C_in * D_in * H_in <= 20480
+        (small tiles, 1-channel inputs) as im2col + GEMM with a column buffer of
+        C_in * kernel volume * output voxels, larger ones through oneDNN with a reordered input
+        and output. CUDA: cuDNN's workspace, taken as one output tile.
         """
         step = self.steps[index]
         assert isinstance(step, ConvStep)
         b, e, c_in = self.batch, ELEMENT_BYTES, self.channels[index]
         out = b * step.out_channels * math.prod(out_edges) * e
-        if step.transposed:
+        if step.transposed or self.device_type != "cpu":
             return out
+        if self.channels_last:
+            return out // 4
         k, s = step.conv.kernel_size, step.conv.stride
         padded = [s[a] * (out_edges[a] - 1) + k[a] for a in range(3)]
-        if self.device_type == "cpu" and b * c_in * padded[0] * padded[1] <= 20480:
+        if b * c_in * padded[0] * padded[1] <= 20480:
             return c_in * math.prod(k) * math.prod(out_edges) * e
-        return out if self.channels_last else out + b * c_in * math.prod(padded) * e
+        return out + b * c_in * math.prod(padded) * e
 
     def full_bytes(self, position: int) -> int:
         return self.batch * self.channels[position] * math.prod(self.shapes[position]) * ELEMENT_BYTES

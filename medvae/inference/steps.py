@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample
+from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, channels_last
 from medvae.models.vae import DecoderLevel, EncoderLevel
 
 Interval = tuple[int, int]  # [start, stop) along one axis, in voxels of that step's grid
@@ -43,6 +43,7 @@ class ConvStep:
     upsample: bool = False  # nearest x2 before the convolution (Upsample)
     float32: bool = False  # run with autocast off on a float32 input (the model's output convs)
     skip: nn.Module | None = None  # closes a residual block: output += skip(block input)
+    channels_last: bool = False  # the model's layout: run oneDNN directly on channels-last tiles
 
     def __post_init__(self) -> None:
         if self.conv.padding_mode != "zeros" or isinstance(self.conv.padding, str):
@@ -98,10 +99,7 @@ class ConvStep:
             have = [(2 * a, 2 * b) for a, b in need]
             n_in = [2 * n for n in n_in]
         x = _crop_pad(x, have, [self._conv_input(a, out[a]) for a in range(3)], n_in)
-        if self.float32:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return F.conv3d(x.float(), self.conv.weight, self.conv.bias, self.conv.stride)
-        return F.conv3d(x, self.conv.weight, self.conv.bias, self.conv.stride)
+        return conv3d_unpadded(x, self.conv, self.float32, self.channels_last)
 
     def _weight_transposed(self) -> torch.Tensor:
         """(in, out, 4, 4, 4) weight of the transposed convolution, summed in float64."""
@@ -175,6 +173,25 @@ class WholeStep:
 Step = ConvStep | NormStep | WholeStep
 
 
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def conv3d_unpadded(x: torch.Tensor, conv: nn.Conv3d, float32: bool = False, channels_last_layout: bool = False) -> torch.Tensor:
+    """``conv`` on ``x`` with padding 0 (the tile is already padded), in the autocast dtype (or
+    float32). On the CPU, channels-last float32/bf16 input goes straight to oneDNN: PyTorch would
+    send small or 1-channel float32 tiles to an im2col kernel that is slower, allocates a column
+    buffer of C_in x 27 x the output, and returns contiguous output."""
+    device = x.device.type
+    dtype = torch.float32 if float32 else (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype)
+    with torch.autocast(device_type=device, enabled=False):
+        weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+        x = x.to(dtype)
+        if channels_last_layout and device == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available():
+            x, weight = channels_last(x), channels_last(weight)
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0, 0], list(conv.stride), [1, 1, 1], 1)
+        return F.conv3d(x, weight, bias, conv.stride)
+
+
 def _crop_pad(x: torch.Tensor, have: list[Interval], want: list[Interval], n: list[int]) -> torch.Tensor:
     """``x`` (covering ``have``) cut to ``want``; the parts of ``want`` outside [0, n) become zeros
     (the convolution's zero padding, which exists only at the border of the whole volume)."""
@@ -239,7 +256,7 @@ def _module_steps(module: nn.Module | None, channels: int) -> list[Step]:
     return [WholeStep(module, channels)]
 
 
-def network_steps(net: nn.Module, in_channels: int) -> list[Step]:
+def network_steps(net: nn.Module, in_channels: int, channels_last_layout: bool = False) -> list[Step]:
     """Flatten an Encoder or Decoder (children in registration order = forward order) into steps.
 
     The last convolution (``conv_out``) runs in float32 with autocast off, as the model does.
@@ -252,6 +269,9 @@ def network_steps(net: nn.Module, in_channels: int) -> list[Step]:
     if not steps or not isinstance(steps[-1], ConvStep):
         raise ValueError(f"tiled inference: {type(net).__name__} does not end in a convolution")
     steps[-1].float32 = True
+    for step in steps:
+        if isinstance(step, ConvStep):
+            step.channels_last = channels_last_layout
     for before, after in zip(steps, steps[1:]):
         if before.out_channels != after.in_channels:
             raise ValueError(f"tiled inference: cannot follow the channels of {type(net).__name__} ({before} -> {after})")

@@ -13,10 +13,12 @@ import ctypes.util
 import itertools
 
 import torch
+from torch import nn
 
 from medvae.inference.planner import Geometry, Plan
 from medvae.inference.statistics import GroupStatistics
-from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, _crop
+from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, _crop, conv3d_unpadded
+from medvae.models.blocks import channels_last
 
 Statistics = dict[int, tuple[torch.Tensor, torch.Tensor]]  # step index -> (mean, rstd), (B, groups)
 
@@ -56,7 +58,8 @@ def _run_tile(
     regions = {stop: region}
     for i in range(stop - 1, start - 1, -1):
         regions[i] = [steps[i].input_interval(a, regions[i + 1][a], shapes[i][a]) for a in range(3)]
-    tile = source[_index(regions[start])].contiguous(memory_format=memory_format)
+    tile = source[_index(regions[start])]
+    tile = channels_last(tile) if memory_format == torch.channels_last_3d else tile.contiguous()
     held: list[tuple[torch.Tensor, list[Interval]]] = []  # residual block inputs
     for i in range(start, stop):
         step = steps[i]
@@ -69,7 +72,8 @@ def _run_tile(
             tile = step.forward(tile, regions[i], regions[i + 1], list(shapes[i]))
             if step.skip is not None:
                 block_input, have = held.pop()
-                tile += step.skip(_crop(block_input, have, regions[i + 1]))
+                block_input = _crop(block_input, have, regions[i + 1])
+                tile += conv3d_unpadded(block_input, step.skip, False, step.channels_last) if isinstance(step.skip, nn.Conv3d) else block_input
                 del block_input
     return tile
 

@@ -46,9 +46,10 @@ def _memory_format(model: VAE3D) -> torch.memory_format:
 def _geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None) -> Geometry:
     """Steps and tensor shapes of ``model.encoder`` or ``model.decoder`` for input shape (B, C, D, H, W)."""
     net = getattr(model, part)
-    steps = network_steps(net, shape[1])
+    channels_last = _memory_format(model) == torch.channels_last_3d
+    steps = network_steps(net, shape[1], channels_last)
     device = device or next(model.parameters()).device
-    return Geometry(steps, shape[0], tuple(shape[2:]), _memory_format(model) == torch.channels_last_3d, device.type)
+    return Geometry(steps, shape[0], tuple(shape[2:]), channels_last, device.type)
 
 
 def _check_volume(model: VAE3D, x: torch.Tensor, channels: int, what: str, multiple: int) -> None:

@@ -112,20 +112,28 @@ class GroupNormSiLU(nn.GroupNorm):
         return _group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def _normalise_silu(
-    x: torch.Tensor, norm: GroupNormSiLU, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """silu(group_norm(x)) in ``dtype`` -> (activation, normalised input t, mean, rstd).
+def _group_norm(x: torch.Tensor, norm: GroupNormSiLU) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """group_norm(x) with its statistics: (output t, mean, rstd), mean and rstd (B, groups) float32.
 
-    mean and rstd are (B, groups), float32. ``t`` is the group norm output before SiLU (the SiLU is
-    applied in place on a copy only when the dtype changes). Statistics are float32 inside the
-    kernel for every input dtype; fp16 input is normalised in float32 (its squares can overflow).
+    PyTorch's kernel, which accumulates in float32 for every input dtype; fp16 input is normalised in
+    float32 (its squares can overflow). The output keeps the layout of ``x``.
     """
     b, c = x.shape[:2]
     source = x.float() if x.dtype == torch.float16 else x
     source = source.contiguous(memory_format=_suggested_format(source))
-    t, mean, rstd = torch.native_group_norm(source, weight, bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
-    return t, mean, rstd
+    return torch.native_group_norm(source, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+
+
+def _norm_silu_conv_forward(
+    x: torch.Tensor, norm: GroupNormSiLU, conv: nn.Conv3d, conv_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conv(silu(norm(x))), mean, rstd) with one temporary (SiLU in place), autocast off."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        t, mean, rstd = _group_norm(x, norm)
+        activation = F.silu(t, inplace=True).to(conv_dtype)
+        del t
+        bias = None if conv.bias is None else conv.bias.to(conv_dtype)
+        return _conv(activation, conv.weight.to(conv_dtype), bias, conv.stride, conv.padding), mean, rstd
 
 
 class _NormSiLUConv(torch.autograd.Function):
@@ -133,14 +141,8 @@ class _NormSiLUConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, conv_weight, conv_bias, norm, conv, conv_dtype):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            t, mean, rstd = _normalise_silu(x, norm, norm_weight, norm_bias, conv_dtype)
-            activation = F.silu(t, inplace=True).to(conv_dtype)
-            del t
-            y = _conv(
-                activation, conv_weight.to(conv_dtype), None if conv_bias is None else conv_bias.to(conv_dtype),
-                conv.stride, conv.padding,
-            )
+        # The parameters are passed in (not only read from the modules) so that autograd sees them.
+        y, mean, rstd = _norm_silu_conv_forward(x, norm, conv, conv_dtype)
         ctx.save_for_backward(x, norm_weight, norm_bias, conv_weight, mean, rstd)
         ctx.norm, ctx.conv, ctx.conv_dtype, ctx.has_bias = norm, conv, conv_dtype, conv_bias is not None
         return y
@@ -152,7 +154,7 @@ class _NormSiLUConv(torch.autograd.Function):
         need_x, need_nw, need_nb, need_cw, need_cb = ctx.needs_input_grad[:5]
         with torch.autocast(device_type=x.device.type, enabled=False):
             # Recompute the normalised input with the forward's kernel: bitwise the same activation.
-            t, _, _ = _normalise_silu(x, norm, norm_weight, norm_bias, conv_dtype)
+            t, _, _ = _group_norm(x, norm)
             activation = F.silu(t).to(conv_dtype)
             fmt = _suggested_format(activation)
             grad_activation, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
@@ -249,18 +251,12 @@ def norm_silu_conv(x: torch.Tensor, norm: GroupNormSiLU, conv: nn.Conv3d, float3
     if norm.recompute and torch.is_grad_enabled():
         return _NormSiLUConv.apply(x, norm.weight, norm.bias, conv.weight, conv.bias, norm, conv, conv_dtype)
     if not torch.is_grad_enabled():  # inference: SiLU in place, one temporary
-        with torch.autocast(device_type=device, enabled=False):
-            t, _, _ = _normalise_silu(x, norm, norm.weight, norm.bias, conv_dtype)
-            activation = F.silu(t, inplace=True).to(conv_dtype)
-            return _conv(
-                activation, conv.weight.to(conv_dtype), None if conv.bias is None else conv.bias.to(conv_dtype),
-                conv.stride, conv.padding,
-            )
-    h = norm(x)
+        return _norm_silu_conv_forward(x, norm, conv, conv_dtype)[0]
+    h = norm(x)  # plain autograd: keeps the norm output and the activation for backward
     if float32:
         with torch.autocast(device_type=device, enabled=False):
-            return conv(h.float())
-    return conv(h)
+            return conv3d(h.float(), conv)
+    return conv3d(h, conv)
 
 
 class ResBlock(nn.Module):
@@ -292,7 +288,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = norm_silu_conv(x, self.norm1, self.conv1)
         if isinstance(self.dropout, nn.Dropout) and self.training:
-            h = self.conv2(self.dropout(self.norm2(h)))
+            h = conv3d(self.dropout(self.norm2(h)), self.conv2)
         else:
             h = norm_silu_conv(h, self.norm2, self.conv2)
         # In place: h is a fresh conv output that nothing saved for backward.

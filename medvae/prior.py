@@ -1,0 +1,327 @@
+"""The fitted latent prior: a Gaussian over the latent grid, fitted to the training set's posterior means.
+
+With the tiny KL weights that give sharp reconstructions, the latents of real volumes are far from
+N(0, I), and decoding N(0, I) samples gives noise. After training, medvae encodes the training
+volumes (posterior means, whole volumes through the memory-bounded encoder), brings every latent
+grid to one shape, and fits
+
+    z = mean + factors^T e + residual_std * n,    e ~ N(0, I_k),  n ~ N(0, I)
+
+over the flattened grid (C * d * h * w numbers): a per-position mean, a low-rank part of ``k``
+principal directions, and a per-position residual std. ``k = 0`` is the per-position diagonal
+Gaussian. ``k`` is chosen by K-fold cross-validation of the held-out log-likelihood of latent means
+(nats per latent element), among 0 and 1, 2, 4, ...: the low-rank part is kept only where it predicts
+unseen volumes better than the diagonal. The scores of every candidate (and of N(0, I)) are kept in
+the description, so the choice can be checked.
+
+Common shape: each latent grid is centre-cropped, or edge-padded, to the per-axis median of the
+training latent grids (the encoder sees each whole volume, so crops have no border effects). The
+prior therefore describes whole scans of the median preprocessed size, centred; ``generate
+--prior fitted`` makes volumes of exactly ``latent_shape * downsampling_factor`` voxels.
+
+Saved as ``prior.safetensors`` (mean, residual_std, factors) in the export folder, described in
+``config.json["extra"]["prior"]``; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PRIOR_NAME = "prior.safetensors"
+PRIOR_FORMAT = "medvae-prior"
+CANDIDATE_RANKS = (1, 2, 4, 8, 16, 32)  # low-rank sizes tried by cross-validation (besides 0)
+CV_FOLDS = 5
+MAX_VOLUMES = 256  # volumes encoded for the fit (evenly spaced over the training list beyond this)
+MAX_ELEMENTS = 64 * 2**20  # volumes x latent elements held for the fit (256 MiB in float32)
+VARIANCE_FLOOR = 1e-6  # absolute floor of the residual variance (normalised latent units squared)
+RELATIVE_FLOOR = 1e-3  # ... plus this share of the mean per-position variance
+
+
+@dataclass
+class LatentPrior:
+    """A Gaussian over latent grids of one shape (C, d, h, w).
+
+    mean, residual_std: (C, d, h, w) float32. factors: (k, C, d, h, w) float32, k >= 0 (the
+    columns of the low-rank covariance factor). description: JSON-able facts about the fit.
+    """
+
+    mean: torch.Tensor
+    residual_std: torch.Tensor
+    factors: torch.Tensor
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mean = self.mean.detach().float().cpu().contiguous()
+        self.residual_std = self.residual_std.detach().float().cpu().contiguous()
+        self.factors = self.factors.detach().float().cpu().reshape(-1, *self.mean.shape).contiguous()
+        if self.mean.ndim != 4 or self.residual_std.shape != self.mean.shape:
+            raise ValueError(f"prior: mean {tuple(self.mean.shape)} and residual_std "
+                             f"{tuple(self.residual_std.shape)} must both be (C, d, h, w)")
+
+    @classmethod
+    def standard(cls, latent_shape: Sequence[int]) -> "LatentPrior":
+        """N(0, I) over a (C, d, h, w) grid."""
+        shape = tuple(int(s) for s in latent_shape)
+        return cls(torch.zeros(shape), torch.ones(shape), torch.zeros((0, *shape)), {"kind": "standard"})
+
+    @property
+    def rank(self) -> int:
+        return int(self.factors.shape[0])
+
+    @property
+    def kind(self) -> str:
+        return str(self.description.get("kind", "diagonal" if self.rank == 0 else "low_rank"))
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return tuple(int(s) for s in self.mean.shape)  # type: ignore[return-value]
+
+    def sample(self, num: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """(num, C, d, h, w) float32 samples on the CPU; ``temperature`` scales the std.
+
+        Each sample draws its own noise in turn (residual, then low-rank), so sample i is the same
+        whatever ``num`` is, for a given generator seed.
+        """
+        samples = []
+        for _ in range(num):
+            residual = torch.randn(self.mean.shape, generator=generator)
+            weights = torch.randn(self.rank, generator=generator)
+            low_rank = torch.tensordot(weights, self.factors, dims=1) if self.rank else 0.0
+            samples.append(self.mean + temperature * (self.residual_std * residual + low_rank))
+        return torch.stack(samples) if samples else torch.zeros((0, *self.mean.shape))
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of latent grids z (N, C, d, h, w) in nats, (N,) float64 (Woodbury identity)."""
+        return _log_prob(z.reshape(z.shape[0], -1).double(), self.mean.reshape(-1).double(),
+                         self.factors.reshape(self.rank, self.mean.numel()).double(), self.residual_std.reshape(-1).double() ** 2)
+
+
+def _log_prob(x: torch.Tensor, mean: torch.Tensor, factors: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, diag(variance) + factors^T factors), x (N, D), factors (k, D); float64."""
+    r = x - mean
+    dims = r.shape[1]
+    inv_var = 1.0 / variance
+    quad = (r * r * inv_var).sum(1)
+    log_det = torch.log(variance).sum()
+    if factors.shape[0]:
+        core = torch.eye(factors.shape[0], dtype=x.dtype) + (factors * inv_var) @ factors.T  # (k, k)
+        projected = (r * inv_var) @ factors.T  # (N, k)
+        quad = quad - (projected * torch.linalg.solve(core, projected.T).T).sum(1)
+        log_det = log_det + torch.linalg.slogdet(core)[1]
+    return -0.5 * (dims * math.log(2 * math.pi) + log_det + quad)
+
+
+def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None = None
+                ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each rank: (mean (D,), factors (rank, D), residual variance (D,)) from rows x (N, D), float64.
+
+    The principal directions come from the eigenvectors of the (N, N) Gram matrix of the centred
+    rows (N << D): one product of N^2 D operations serves every rank. ``gram``: the Gram matrix
+    of these rows about any common centre (it is re-centred here), to reuse one across folds.
+    """
+    n = x.shape[0]
+    mean = x.mean(0, dtype=torch.float64)
+    centred = x - mean.to(x.dtype)
+    variance = centred.pow(2).sum(0, dtype=torch.float64) / max(n - 1, 1)
+    floor = VARIANCE_FLOOR + RELATIVE_FLOOR * float(variance.mean())
+    fitted = {0: (mean, torch.zeros((0, x.shape[1]), dtype=torch.float64), variance.clamp(min=floor))}
+    top_rank = max(ranks, default=0)
+    if top_rank > 0:
+        gram = (centred @ centred.T).double() if gram is None else gram.double()
+        centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
+        eigenvalues, eigenvectors = torch.linalg.eigh(centring @ gram @ centring)  # ascending
+        eigenvalues = eigenvalues.flip(0)[:top_rank].clamp(min=0)
+        eigenvectors = eigenvectors.flip(1)[:, :top_rank]
+        singular = eigenvalues.sqrt().clamp(min=1e-12)
+        directions = (eigenvectors.T.to(x.dtype) @ centred).double() / singular[:, None]  # (k, D) orthonormal
+        scores = eigenvectors * singular  # (N, k): the rows' coordinates on the directions
+        for rank in (r for r in ranks if r > 0):
+            residual = centred - (scores[:, :rank] @ directions[:rank]).to(x.dtype)
+            residual_variance = residual.pow(2).sum(0, dtype=torch.float64) / max(n - 1 - rank, 1)
+            # As in probabilistic PCA, the low-rank part carries the variance above the residual level.
+            scale = (eigenvalues[:rank] / max(n - 1, 1) - residual_variance.mean()).clamp(min=0).sqrt()
+            fitted[rank] = (mean, directions[:rank] * scale[:, None], residual_variance.clamp(min=floor))
+    return {rank: fitted[rank] for rank in ranks}
+
+
+def _cross_validate(x: torch.Tensor, ranks: Sequence[int], folds: int) -> dict[int, float]:
+    """Mean held-out log-likelihood per latent element for each rank (K-fold over the rows of x)."""
+    n, dims = x.shape
+    centred = x - x.mean(0, dtype=torch.float64).to(x.dtype)
+    gram = (centred @ centred.T).double()  # one (N, N) product for all folds
+    held_out_of = torch.arange(n) % folds
+    scores = {rank: 0.0 for rank in ranks}
+    for fold in range(folds):
+        train = (held_out_of != fold).nonzero()[:, 0]
+        test = x[held_out_of == fold].double()
+        for rank, (mean, factors, variance) in _fit_params(x[train], ranks, gram[train][:, train]).items():
+            scores[rank] += float(_log_prob(test, mean, factors, variance).sum())
+    return {rank: total / (n * dims) for rank, total in scores.items()}
+
+
+def fit_prior(latent_means: torch.Tensor, ranks: Sequence[int] = CANDIDATE_RANKS, folds: int = CV_FOLDS) -> LatentPrior:
+    """Fit a LatentPrior to posterior means (N, C, d, h, w) of N training volumes.
+
+    With N >= 4, the rank k in {0} + ``ranks`` (those with k <= N_train - 2 in every fold) with the
+    best cross-validated held-out log-likelihood is refitted on all N; with fewer volumes, k = 0.
+    """
+    if latent_means.ndim != 5 or latent_means.shape[0] < 1:
+        raise ValueError(f"fit_prior: need latent means (N, C, d, h, w) with N >= 1, got {tuple(latent_means.shape)}")
+    n = int(latent_means.shape[0])
+    x = latent_means.reshape(n, -1).float().cpu()
+    folds = min(folds, n)
+    smallest_train = n - math.ceil(n / folds) if n >= 4 else 0
+    candidates = [0] + [int(r) for r in ranks if 0 < r <= smallest_train - 2]
+    scores = _cross_validate(x, candidates, folds) if n >= 4 else {}
+    rank = max(candidates, key=lambda r: (scores[r], -r)) if scores else 0
+    mean, factors, variance = _fit_params(x, [rank])[rank]
+    standard = _log_prob(x.double(), torch.zeros_like(mean), factors[:0], torch.ones_like(variance))
+    shape = tuple(int(s) for s in latent_means.shape[1:])
+    description = {
+        "kind": "diagonal" if rank == 0 else "low_rank",
+        "rank": rank,
+        "latent_shape": list(shape),
+        "num_volumes": n,
+        "cross_validation": {
+            "folds": folds,
+            "metric": "held-out log-likelihood of latent means, nats per latent element",
+            "scores": {str(r): s for r, s in scores.items()},
+        },
+        "standard_normal_loglik_per_element": float(standard.mean()) / x.shape[1],
+    }
+    return LatentPrior(mean.reshape(shape), variance.sqrt().reshape(shape), factors.reshape(rank, *shape), description)
+
+
+def common_latent_shape(shapes: Iterable[Sequence[int]]) -> tuple[int, ...]:
+    """Per-axis median (rounded down) of latent grid shapes (C, d, h, w)."""
+    stacked = np.asarray([list(s) for s in shapes], dtype=np.int64)
+    return tuple(int(v) for v in np.floor(np.median(stacked, axis=0)))
+
+
+def crop_or_pad(latent: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre-crop or edge-pad a latent grid (C, d, h, w) to ``shape`` (C, d', h', w')."""
+    if latent.shape[0] != shape[0]:
+        raise ValueError(f"latent channels {latent.shape[0]} differ from the prior's {shape[0]}")
+    for axis, target in enumerate(shape[1:], start=1):
+        size = latent.shape[axis]
+        if size > target:
+            start = (size - target) // 2
+            latent = latent.narrow(axis, start, target)
+        elif size < target:
+            before = (target - size) // 2
+            pad = [0, 0] * 3
+            pad[2 * (3 - axis)], pad[2 * (3 - axis) + 1] = before, target - size - before
+            latent = F.pad(latent[None], pad, mode="replicate")[0]
+    return latent
+
+
+def evenly_spaced(count: int, limit: int) -> list[int]:
+    """``min(count, limit)`` indices spread evenly over range(count), first and last included."""
+    if count <= limit:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (limit - 1)) for i in range(limit)})
+
+
+def fit_prior_to_volumes(model, volumes: Iterable[torch.Tensor], memory_budget: int | None = None,
+                         max_elements: int = MAX_ELEMENTS) -> LatentPrior:
+    """Encode normalised volumes (1, D, H, W) (posterior means, memory-bounded) and fit a LatentPrior.
+
+    Volumes are padded by the pipeline to multiples of the downsampling factor already. Latent grids
+    are brought to their median shape (``crop_or_pad``); beyond ``max_elements`` numbers in all,
+    the volumes used are spread evenly over the list (the description says how many).
+    """
+    from medvae.inference import encode_volume
+
+    device = next(model.parameters()).device
+    latents = []
+    for volume in volumes:
+        x = torch.as_tensor(volume).as_subclass(torch.Tensor).float()[None].to(device)
+        latents.append(encode_volume(model, x, memory_budget=memory_budget).mode()[0].cpu())
+    if not latents:
+        raise ValueError("fit_prior: no training volumes to fit the prior to")
+    shape = common_latent_shape(latent.shape for latent in latents)
+    keep = evenly_spaced(len(latents), max(1, max_elements // int(np.prod(shape))))
+    stacked = torch.stack([crop_or_pad(latents[i], shape) for i in keep])
+    prior = fit_prior(stacked)
+    prior.description.update(
+        num_volumes_encoded=len(latents),
+        volume_shape=[int(s) * model.downsampling_factor for s in shape[1:]],
+        source="posterior means of whole training volumes, latent grids centre-cropped or edge-padded "
+               "to their median shape",
+    )
+    return prior
+
+
+def save_prior(prior: LatentPrior, export_dir: str | os.PathLike) -> Path:
+    """Add ``prior.safetensors`` to an export and describe it in ``config.json["extra"]["prior"]``.
+
+    Both writes are atomic, the config last, so a reader that finds the description finds the file.
+    """
+    from safetensors.torch import save_file
+
+    from medvae.atomic import atomic_file
+    from medvae.export import CONFIG_NAME, model_hash, read_export_config, resolve_export_dir
+
+    directory = resolve_export_dir(export_dir)
+    config = read_export_config(directory)
+    tensors = {"mean": prior.mean, "residual_std": prior.residual_std, "factors": prior.factors}
+    with atomic_file(directory / PRIOR_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": PRIOR_FORMAT})
+    config.setdefault("extra", {})["prior"] = {**prior.description, "file": PRIOR_NAME,
+                                               "model_hash": model_hash(directory)}
+    with atomic_file(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory / PRIOR_NAME
+
+
+def load_prior(export_dir: str | os.PathLike) -> LatentPrior | None:
+    """The fitted prior of an export (or run) folder, or None when it has none."""
+    from safetensors.torch import load_file
+
+    from medvae.export import read_export_config, resolve_export_dir
+
+    directory = resolve_export_dir(export_dir)
+    description = (read_export_config(directory).get("extra") or {}).get("prior")
+    if not description:
+        return None
+    path = directory / str(description.get("file", PRIOR_NAME))
+    if not path.is_file():
+        raise ValueError(f"{path}: config.json describes a fitted prior but its file is missing")
+    try:
+        tensors = load_file(str(path))
+        return LatentPrior(tensors["mean"], tensors["residual_std"], tensors["factors"], dict(description))
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable prior ({' '.join(str(err).split())})") from None
+
+
+def fit_and_save_prior(model, items: Sequence[dict], data_config, export_dir: str | os.PathLike,
+                       max_volumes: int = MAX_VOLUMES, memory_budget: int | None = None) -> LatentPrior:
+    """After training: fit the prior to the training volumes and add it to the export.
+
+    ``items``: the training dataset's items, either preprocessed (``image`` a (1, D, H, W) tensor,
+    as the memory cache holds them) or datalist rows (``image`` a path, run through the infer
+    pipeline). At most ``max_volumes`` of them, evenly spaced, are encoded.
+    """
+    from medvae.data import build_transforms
+
+    transform = build_transforms(data_config, "infer", model.downsampling_factor)
+
+    def volumes():
+        for index in evenly_spaced(len(items), max_volumes):
+            item = items[index]
+            image = item["image"]
+            yield image if isinstance(image, torch.Tensor) else transform(dict(item))["image"]
+
+    prior = fit_prior_to_volumes(model, volumes(), memory_budget=memory_budget)
+    save_prior(prior, export_dir)
+    return prior
