@@ -25,10 +25,11 @@ Saved as ``prior.safetensors`` (mean, residual_std, factors) in the export folde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,17 @@ class LatentPrior:
                          self.factors.reshape(self.rank, self.mean.numel()).double(), self.residual_std.reshape(-1).double() ** 2)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small (k, k) and (N, N) LAPACK calls: one thread, as more only contend on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _log_prob(x: torch.Tensor, mean: torch.Tensor, factors: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     """log N(x; mean, diag(variance) + factors^T factors), x (N, D), factors (k, D); float64."""
     r = x - mean
@@ -116,8 +128,10 @@ def _log_prob(x: torch.Tensor, mean: torch.Tensor, factors: torch.Tensor, varian
     if factors.shape[0]:
         core = torch.eye(factors.shape[0], dtype=x.dtype) + (factors * inv_var) @ factors.T  # (k, k)
         projected = (r * inv_var) @ factors.T  # (N, k)
-        quad = quad - (projected * torch.linalg.solve(core, projected.T).T).sum(1)
-        log_det = log_det + torch.linalg.slogdet(core)[1]
+        with _one_thread():
+            solved = torch.linalg.solve(core, projected.T).T
+            log_det = log_det + torch.linalg.slogdet(core)[1]
+        quad = quad - (projected * solved).sum(1)
     return -0.5 * (dims * math.log(2 * math.pi) + log_det + quad)
 
 
@@ -139,7 +153,8 @@ def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None
     if top_rank > 0:
         gram = (centred @ centred.T).double() if gram is None else gram.double()
         centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
-        eigenvalues, eigenvectors = torch.linalg.eigh(centring @ gram @ centring)  # ascending
+        with _one_thread():
+            eigenvalues, eigenvectors = torch.linalg.eigh(centring @ gram @ centring)  # ascending
         eigenvalues = eigenvalues.flip(0)[:top_rank].clamp(min=0)
         eigenvectors = eigenvectors.flip(1)[:, :top_rank]
         singular = eigenvalues.sqrt().clamp(min=1e-12)

@@ -116,11 +116,16 @@ def _group_norm(x: torch.Tensor, norm: GroupNormSiLU) -> tuple[torch.Tensor, tor
     """group_norm(x) with its statistics: (output t, mean, rstd), mean and rstd (B, groups) float32.
 
     PyTorch's kernel, which accumulates in float32 for every input dtype; fp16 input is normalised in
-    float32 (its squares can overflow). The output keeps the layout of ``x``.
+    float32 (its squares can overflow), and on CUDA any half-precision input. The output keeps the
+    layout of ``x``.
     """
     b, c = x.shape[:2]
-    source = x.float() if x.dtype == torch.float16 else x
-    source = source.contiguous(memory_format=_suggested_format(source))
+    fmt = _suggested_format(x)
+    if x.device.type != "cpu":  # CUDA: float32 (as its autocast does) and contiguous input only
+        source = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        t, mean, rstd = torch.native_group_norm(source.contiguous(), norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+        return t.contiguous(memory_format=fmt), mean, rstd
+    source = (x.float() if x.dtype == torch.float16 else x).contiguous(memory_format=fmt)
     return torch.native_group_norm(source, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
 
 
