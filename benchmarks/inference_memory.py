@@ -1,21 +1,23 @@
 """Peak memory and time of whole-volume encode and decode on CPU: memory-bounded vs one pass vs MONAI.
 
-    python benchmarks/inference_memory.py                        # 128^3, 256^3, 512^3
-    python benchmarks/inference_memory.py --sizes 128 --budget-gib 0.5
+    python benchmarks/inference_memory.py                  # 128^3, 256^3, 512^3 (about an hour)
+    python benchmarks/inference_memory.py --sizes 128 --budgets 128:0.25
 
 Model: the comparison architecture, VAE3D(channels=(32, 64, 64), num_res_blocks=1,
 latent_channels=3, norm_num_groups=32), every parameter perturbed (weights by 0.5 / sqrt(fan-in)
 * randn, vectors by 0.05 * randn) so the zero-initialised convolutions take part. Input: the MNI152 T1 template (nilearn, 1 mm), scaled to
 [-1, 1] and resized (trilinear) to size^3. Methods, each part (encode, decode) in a fresh process:
 
-- ``bounded``: medvae.inference.encode_volume / decode_volume with --budget-gib.
+- ``bounded``: medvae.inference.encode_volume / decode_volume with the size's budget (--budgets).
 - ``one_pass``: model.encode / model.decode; skipped where its estimate exceeds --one-pass-limit-gib.
+- ``one_pass_float64``: the model in float64 (at --float64-sizes only): the exact reference.
 - ``sliding_window``: monai.inferers.sliding_window_inference, roi 96^3 voxels (24^3 latent), overlap
   0.25, gaussian blending; encode predicts the posterior mean, decode the voxels.
 
 Peak memory is the process's peak resident set (VmHWM, reset just before the call) minus its
 resident set before the call (model, input and libraries loaded, one small warm-up run done).
-Decoders all decode the latent of the bounded encoder. Max abs differences are against one pass.
+Decoders all decode the latent of the bounded encoder. Max abs differences are against the float32
+one pass and, where run, the float64 one pass.
 Writes benchmarks/out/inference_memory.json and prints a markdown table.
 """
 
@@ -92,13 +94,15 @@ def worker(config: dict) -> dict:
     if part == "encode":
         data = make_volume(size)
     else:
-        data = torch.load(_cache("encode", "bounded", size))
+        data = torch.load(_cache("latent", "bounded", size))
     with torch.no_grad():  # warm-up: load kernels and thread pools outside the measurement
         small = torch.zeros(1, data.shape[1], 16, 16, 16)
         model.encode(small) if part == "encode" else model.decode(small[:, :, :4, :4, :4])
     gc.collect()
     result = dict(config)
     shape = tuple(data.shape)
+    if method == "one_pass_float64":
+        model, data = model.double(), data.double()
     if method == "bounded":
         plan = (plan_encode if part == "encode" else plan_decode)(model, shape, budget)
         result["estimate_bytes"] = plan.peak_bytes
@@ -112,7 +116,7 @@ def worker(config: dict) -> dict:
     with torch.no_grad():
         if method == "bounded":
             out = encode_volume(model, data, memory_budget=budget).mean if part == "encode" else decode_volume(model, data, memory_budget=budget)
-        elif method == "one_pass":
+        elif method in ("one_pass", "one_pass_float64"):
             out = model.encode(data).mean if part == "encode" else model.decode(data)
         else:
             roi = ROI if part == "encode" else ROI // f
@@ -124,6 +128,8 @@ def worker(config: dict) -> dict:
     if part == "encode" or size <= 256:
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(out.contiguous(), _cache(part, method, size))
+        if method == "bounded" and part == "encode":  # the latent every decoder decodes
+            torch.save(out.float().contiguous(), _cache("latent", "bounded", size))
     return result
 
 
@@ -139,28 +145,30 @@ def _run_worker(config: dict, timeout: float) -> dict:
 
 
 def _differences(results: list[dict]) -> None:
-    """Max abs difference of each output against the one-pass output of the same size and part."""
+    """Max abs difference of each output against the one-pass outputs of the same size and part."""
     for r in results:
-        ref = _cache(r["part"], "one_pass", r["size"])
         mine = _cache(r["part"], r["method"], r["size"])
-        if "error" not in r and ref.exists() and mine.exists():
-            r["max_abs_diff_vs_one_pass"] = (torch.load(mine) - torch.load(ref)).abs().max().item()
+        for reference, key in (("one_pass", "max_abs_diff_vs_one_pass"), ("one_pass_float64", "max_abs_diff_vs_float64")):
+            ref = _cache(r["part"], reference, r["size"])
+            if "error" not in r and "skipped" not in r and ref.exists() and mine.exists() and r["method"] != reference:
+                r[key] = (torch.load(mine).double() - torch.load(ref).double()).abs().max().item()
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass (fp32) | vs fp64 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gib = lambda key: f"{r[key] / GIB:.2f}" if r.get(key) is not None else "-"  # noqa: E731
+        diff = lambda key: f"{r[key]:.1e}" if r.get(key) is not None else "-"  # noqa: E731
         if "error" in r or "skipped" in r:
-            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {r.get('error') or r['skipped']} |")
+            note = r.get("error") or r["skipped"]
+            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {note} | |")
             continue
-        diff = r.get("max_abs_diff_vs_one_pass")
         lines.append(
             f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | "
-            f"{gib('peak_bytes')} | {r['seconds']:.1f} | {'-' if diff is None else f'{diff:.2e}'} |"
+            f"{gib('peak_bytes')} | {r['seconds']:.1f} | {diff('max_abs_diff_vs_one_pass')} | {diff('max_abs_diff_vs_float64')} |"
         )
     return "\n".join(lines)
 
@@ -170,8 +178,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=["bounded", "one_pass", "sliding_window"])
     parser.add_argument("--parts", nargs="+", default=["encode", "decode"])
-    parser.add_argument("--budget-gib", type=float, default=2.0, help="memory budget of the bounded path")
-    parser.add_argument("--one-pass-limit-gib", type=float, default=16.0, help="skip one pass above this estimate")
+    parser.add_argument("--budgets", nargs="+", default=["128:0.5", "256:2", "512:8"], help="SIZE:GIB budgets of the bounded path")
+    parser.add_argument("--one-pass-limit-gib", type=float, default=14.0, help="skip one pass above this estimate")
+    parser.add_argument("--float64-sizes", type=int, nargs="*", default=[128], help="sizes with a float64 one-pass reference")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=OUT / "inference_memory.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -186,14 +195,16 @@ def main() -> None:
 
     model = build_model()
     f = model.downsampling_factor
+    budgets = {int(k): float(v) for k, v in (b.split(":") for b in args.budgets)}
     results = []
     for size in args.sizes:
+        methods = args.methods + (["one_pass_float64"] if size in args.float64_sizes else [])
         for part in args.parts:
             shape = (1, 1, size, size, size) if part == "encode" else (1, ARCH["latent_channels"]) + (size // f,) * 3
             one_pass = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
-            for method in args.methods:
-                config = dict(size=size, part=part, method=method, budget=int(args.budget_gib * GIB) if method == "bounded" else None)
-                if method == "one_pass" and one_pass > args.one_pass_limit_gib * GIB:
+            for method in methods:
+                config = dict(size=size, part=part, method=method, budget=int(budgets[size] * GIB) if method == "bounded" else None)
+                if method.startswith("one_pass") and one_pass * (2 if method.endswith("64") else 1) > args.one_pass_limit_gib * GIB:
                     results.append(dict(config, estimate_bytes=one_pass, skipped=f"skipped: estimate {one_pass / GIB:.1f} GiB"))
                 else:
                     results.append(_run_worker(config, args.timeout))

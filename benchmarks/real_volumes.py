@@ -14,10 +14,20 @@ import numpy as np
 
 
 def mni_t1() -> np.ndarray:
-    """The 1 mm template (197, 233, 189), float32, scaled to [0, 1] by its 0.5/99.5 percentiles."""
-    from nilearn.datasets import load_mni152_template
+    """The 1 mm template (197, 233, 189), float32, scaled to [0, 1] by its 0.5/99.5 percentiles.
 
-    volume = np.asarray(load_mni152_template(resolution=1).get_fdata(), dtype=np.float32)
+    Read through nilearn, or from the NIfTI file named by $MEDVAE_MNI_T1 (a copy of the same
+    template, for machines without nilearn).
+    """
+    import os
+
+    if os.environ.get("MEDVAE_MNI_T1"):
+        image = nib.load(os.environ["MEDVAE_MNI_T1"])
+    else:
+        from nilearn.datasets import load_mni152_template
+
+        image = load_mni152_template(resolution=1)
+    volume = np.asarray(image.get_fdata(), dtype=np.float32)
     low, high = np.percentile(volume, [0.5, 99.5])
     return np.clip((volume - low) / (high - low), 0, 1).astype(np.float32)
 
@@ -40,9 +50,9 @@ def to_hounsfield_scale(crop: np.ndarray) -> np.ndarray:
     return (crop * 3024.0 - 1024.0).astype(np.float32)
 
 
-def write_nifti_folder(crops: list[np.ndarray], folder: Path) -> Path:
-    """Write crops as 1 mm RAS NIfTI files ``crop_XX.nii.gz`` (for runs that read from disk)."""
+def write_nifti_folder(crops: list[np.ndarray], folder: Path, prefix: str = "crop") -> Path:
+    """Write crops as 1 mm RAS NIfTI files ``<prefix>_XX.nii.gz`` (for runs that read from disk)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, crop in enumerate(crops):
-        nib.save(nib.Nifti1Image(crop, np.eye(4)), folder / f"crop_{i:02d}.nii.gz")
+        nib.save(nib.Nifti1Image(crop, np.eye(4)), folder / f"{prefix}_{i:02d}.nii.gz")
     return folder

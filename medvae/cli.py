@@ -53,6 +53,16 @@ def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def _memory_option(func):
+    """--memory-gb for the inference commands (generate, embed, reconstruct, evaluate)."""
+    return click.option("--memory-gb", "memory_gb", default=None, type=click.FloatRange(min=0, min_open=True),
+                        help="Memory budget of encode/decode in GiB (default: 80% of free memory).")(func)
+
+
+def _bytes(memory_gb: float | None) -> int | None:
+    return None if memory_gb is None else int(memory_gb * 2**30)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medvae3d", prog_name="medvae")
 def cli() -> None:
@@ -80,11 +90,12 @@ def train(args: tuple[str, ...]) -> None:
 @click.option("--shape", nargs=3, type=int, default=None, help="Output size D H W in voxels (multiple of the downsampling factor).")
 @click.option("--prior", type=click.Choice(["standard", "fitted"]), default="fitted", show_default=True)
 @click.option("--format", "out_format", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True)
-def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_format) -> None:
+@_memory_option
+def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_format, memory_gb) -> None:
     """Decode latent samples into synthetic scans in real units (HU for CT)."""
     job = _job("medvae.jobs.generate", 5)
     _run(job.generate, model_dir=model_dir, num=num, out_dir=out_dir, seed=seed, temperature=temperature,
-         shape=shape, prior=prior, out_format=out_format)
+         shape=shape, prior=prior, out_format=out_format, memory_budget=_bytes(memory_gb))
 
 
 @cli.command()
@@ -95,32 +106,37 @@ def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_forma
 @click.option("--latents-dir", default=None, type=click.Path(path_type=Path), help="Write each latent grid as NIfTI here.")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--scatter", default=None, type=click.Path(path_type=Path), help="Write a PCA scatter PNG here.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --sample (with each volume's id).")
+@_memory_option
 @click.argument("inputs", nargs=-1, required=True)
-def embed(model_dir, out_file, sample, spatial_pool, latents_dir, batch_size, scatter, inputs) -> None:
+def embed(model_dir, out_file, sample, spatial_pool, latents_dir, batch_size, scatter, seed, memory_gb, inputs) -> None:
     """Write deterministic embeddings (posterior means) of volumes."""
     job = _job("medvae.jobs.embed", 5)
     _run(job.embed, model_dir=model_dir, out_file=out_file, inputs=list(inputs), sample=sample,
-         spatial_pool=spatial_pool, latents_dir=latents_dir, batch_size=batch_size, scatter=scatter)
+         spatial_pool=spatial_pool, latents_dir=latents_dir, batch_size=batch_size, scatter=scatter, seed=seed,
+         memory_budget=_bytes(memory_gb))
 
 
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@_memory_option
 @click.argument("inputs", nargs=-1, required=True)
-def reconstruct(model_dir, out_dir, inputs) -> None:
+def reconstruct(model_dir, out_dir, memory_gb, inputs) -> None:
     """Write reconstructions in the original units and geometry."""
     job = _job("medvae.jobs.reconstruct", 5)
-    _run(job.reconstruct, model_dir=model_dir, out_dir=out_dir, inputs=list(inputs))
+    _run(job.reconstruct, model_dir=model_dir, out_dir=out_dir, inputs=list(inputs), memory_budget=_bytes(memory_gb))
 
 
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--json", "json_file", default=None, type=click.Path(path_type=Path))
+@_memory_option
 @click.argument("inputs", nargs=-1, required=True)
-def evaluate(model_dir, json_file, inputs) -> None:
+def evaluate(model_dir, json_file, memory_gb, inputs) -> None:
     """PSNR, SSIM, MS-SSIM (and MAE in HU for CT), per volume and aggregated."""
     job = _job("medvae.jobs.evaluate", 5)
-    _run(job.evaluate, model_dir=model_dir, inputs=list(inputs), json_file=json_file)
+    _run(job.evaluate, model_dir=model_dir, inputs=list(inputs), json_file=json_file, memory_budget=_bytes(memory_gb))
 
 
 @cli.command()

@@ -219,6 +219,8 @@ class TrainConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr}")

@@ -9,10 +9,13 @@ grid to one shape, and fits
 
 over the flattened grid (C * d * h * w numbers): a per-position mean, a low-rank part of ``k``
 principal directions, and a per-position residual std. ``k = 0`` is the per-position diagonal
-Gaussian. ``k`` is chosen by K-fold cross-validation of the held-out log-likelihood of latent means
-(nats per latent element), among 0 and 1, 2, 4, ...: the low-rank part is kept only where it predicts
-unseen volumes better than the diagonal. The scores of every candidate (and of N(0, I)) are kept in
-the description, so the choice can be checked.
+Gaussian. The residual variances may be shrunk towards their channel's mean variance (a per-position
+variance from a few volumes is noisy, and an underestimate costs much held-out likelihood). ``k`` and
+the shrinkage are chosen by K-fold cross-validation of the held-out log-likelihood of latent means
+(nats per latent element), among k in 0, 1, 2, 4, ... and shrinkage in 0, 0.25, ..., 1: the low-rank
+part is kept only where it predicts unseen volumes better than the diagonal. The scores of every
+candidate (and of N(0, I) on the training means) are kept in the description, so the choice can be
+checked.
 
 Common shape: each latent grid is centre-cropped, or edge-padded, to the per-axis median of the
 training latent grids (the encoder sees each whole volume, so crops have no border effects). The
@@ -46,6 +49,8 @@ MAX_VOLUMES = 256  # volumes encoded for the fit (evenly spaced over the trainin
 MAX_ELEMENTS = 64 * 2**20  # volumes x latent elements held for the fit (256 MiB in float32)
 VARIANCE_FLOOR = 1e-6  # absolute floor of the residual variance (normalised latent units squared)
 RELATIVE_FLOOR = 1e-3  # ... plus this share of the mean per-position variance
+SHRINKAGES = (0.0, 0.25, 0.5, 0.75, 1.0)  # weights of the channel-mean variance tried by cross-validation
+DEFAULT_SHRINKAGE = 0.5  # used without cross-validation (fewer than 4 volumes)
 
 
 @dataclass
@@ -137,7 +142,7 @@ def _log_prob(x: torch.Tensor, mean: torch.Tensor, factors: torch.Tensor, varian
 
 def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None = None
                 ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each rank: (mean (D,), factors (rank, D), residual variance (D,)) from rows x (N, D), float64.
+    """For each rank: (mean (D,), factors (rank, D), raw residual variance (D,)) from rows x (N, D), float64.
 
     The principal directions come from the eigenvectors of the (N, N) Gram matrix of the centred
     rows (N << D): one product of N^2 D operations serves every rank. ``gram``: the Gram matrix
@@ -147,8 +152,7 @@ def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None
     mean = x.mean(0, dtype=torch.float64)
     centred = x - mean.to(x.dtype)
     variance = centred.pow(2).sum(0, dtype=torch.float64) / max(n - 1, 1)
-    floor = VARIANCE_FLOOR + RELATIVE_FLOOR * float(variance.mean())
-    fitted = {0: (mean, torch.zeros((0, x.shape[1]), dtype=torch.float64), variance.clamp(min=floor))}
+    fitted = {0: (mean, torch.zeros((0, x.shape[1]), dtype=torch.float64), variance)}
     top_rank = max(ranks, default=0)
     if top_rank > 0:
         gram = (centred @ centred.T).double() if gram is None else gram.double()
@@ -165,30 +169,44 @@ def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None
             residual_variance = residual.pow(2).sum(0, dtype=torch.float64) / max(n - 1 - rank, 1)
             # As in probabilistic PCA, the low-rank part carries the variance above the residual level.
             scale = (eigenvalues[:rank] / max(n - 1, 1) - residual_variance.mean()).clamp(min=0).sqrt()
-            fitted[rank] = (mean, directions[:rank] * scale[:, None], residual_variance.clamp(min=floor))
+            fitted[rank] = (mean, directions[:rank] * scale[:, None], residual_variance)
     return {rank: fitted[rank] for rank in ranks}
 
 
-def _cross_validate(x: torch.Tensor, ranks: Sequence[int], folds: int) -> dict[int, float]:
-    """Mean held-out log-likelihood per latent element for each rank (K-fold over the rows of x)."""
+def _shrink(variance: torch.Tensor, channels: int, shrinkage: float) -> torch.Tensor:
+    """Blend each position's variance with its channel's mean variance (weight ``shrinkage``), then floor it.
+
+    Per-position variances from a few volumes are noisy, and an underestimate costs a lot of
+    held-out likelihood; pulling them towards the channel's average is the usual remedy.
+    """
+    per_position = variance.reshape(channels, -1)
+    blended = ((1 - shrinkage) * per_position + shrinkage * per_position.mean(1, keepdim=True)).reshape(-1)
+    return blended.clamp(min=VARIANCE_FLOOR + RELATIVE_FLOOR * float(blended.mean()))
+
+
+def _cross_validate(x: torch.Tensor, channels: int, ranks: Sequence[int], folds: int) -> dict[tuple[int, float], float]:
+    """Mean held-out log-likelihood per latent element for each (rank, shrinkage), K-fold over the rows of x."""
     n, dims = x.shape
     centred = x - x.mean(0, dtype=torch.float64).to(x.dtype)
     gram = (centred @ centred.T).double()  # one (N, N) product for all folds
     held_out_of = torch.arange(n) % folds
-    scores = {rank: 0.0 for rank in ranks}
+    scores = {(rank, shrinkage): 0.0 for rank in ranks for shrinkage in SHRINKAGES}
     for fold in range(folds):
         train = (held_out_of != fold).nonzero()[:, 0]
         test = x[held_out_of == fold].double()
         for rank, (mean, factors, variance) in _fit_params(x[train], ranks, gram[train][:, train]).items():
-            scores[rank] += float(_log_prob(test, mean, factors, variance).sum())
-    return {rank: total / (n * dims) for rank, total in scores.items()}
+            for shrinkage in SHRINKAGES:
+                log_prob = _log_prob(test, mean, factors, _shrink(variance, channels, shrinkage))
+                scores[rank, shrinkage] += float(log_prob.sum())
+    return {key: total / (n * dims) for key, total in scores.items()}
 
 
 def fit_prior(latent_means: torch.Tensor, ranks: Sequence[int] = CANDIDATE_RANKS, folds: int = CV_FOLDS) -> LatentPrior:
     """Fit a LatentPrior to posterior means (N, C, d, h, w) of N training volumes.
 
-    With N >= 4, the rank k in {0} + ``ranks`` (those with k <= N_train - 2 in every fold) with the
-    best cross-validated held-out log-likelihood is refitted on all N; with fewer volumes, k = 0.
+    With N >= 4, the rank k in {0} + ``ranks`` (those with k <= N_train - 2 in every fold) and the
+    variance shrinkage in SHRINKAGES with the best cross-validated held-out log-likelihood are
+    refitted on all N; with fewer volumes, k = 0 and shrinkage DEFAULT_SHRINKAGE.
     """
     if latent_means.ndim != 5 or latent_means.shape[0] < 1:
         raise ValueError(f"fit_prior: need latent means (N, C, d, h, w) with N >= 1, got {tuple(latent_means.shape)}")
@@ -197,20 +215,24 @@ def fit_prior(latent_means: torch.Tensor, ranks: Sequence[int] = CANDIDATE_RANKS
     folds = min(folds, n)
     smallest_train = n - math.ceil(n / folds) if n >= 4 else 0
     candidates = [0] + [int(r) for r in ranks if 0 < r <= smallest_train - 2]
-    scores = _cross_validate(x, candidates, folds) if n >= 4 else {}
-    rank = max(candidates, key=lambda r: (scores[r], -r)) if scores else 0
+    channels = int(latent_means.shape[1])
+    scores = _cross_validate(x, channels, candidates, folds) if n >= 4 else {}
+    # Best score; among equals the simplest (lowest rank, then most shrinkage).
+    rank, shrinkage = max(scores, key=lambda key: (scores[key], -key[0], key[1])) if scores else (0, DEFAULT_SHRINKAGE)
     mean, factors, variance = _fit_params(x, [rank])[rank]
+    variance = _shrink(variance, channels, shrinkage)
     standard = _log_prob(x.double(), torch.zeros_like(mean), factors[:0], torch.ones_like(variance))
     shape = tuple(int(s) for s in latent_means.shape[1:])
     description = {
         "kind": "diagonal" if rank == 0 else "low_rank",
         "rank": rank,
+        "variance_shrinkage": shrinkage,
         "latent_shape": list(shape),
         "num_volumes": n,
         "cross_validation": {
             "folds": folds,
             "metric": "held-out log-likelihood of latent means, nats per latent element",
-            "scores": {str(r): s for r, s in scores.items()},
+            "scores": {f"rank={r},shrinkage={v:g}": score for (r, v), score in scores.items()},
         },
         "standard_normal_loglik_per_element": float(standard.mean()) / x.shape[1],
     }

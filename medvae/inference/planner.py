@@ -29,8 +29,12 @@ ELEMENT_BYTES = 4
 # of CPU conv work; about 50 us of GPU work): keeps the planner from choosing thousands of tiny
 # tiles when larger ones fit.
 TILE_STEP_OVERHEAD_FLOPS = {"cpu": 2e7, "cuda": 2e9}
-# Measured peaks exceed the tensor count by allocator slack, small temporaries and fixed costs.
-SAFETY_FACTOR = 1.1
+# Measured peaks exceed the tensor count by allocator slack, small temporaries, kernel workspaces and
+# fixed costs. Factors from measurements (benchmarks/RESULTS.md, "Inference memory"): CPU resident
+# set on this 2-core machine; CUDA max_memory_allocated on an H200, where cuDNN's workspaces and the
+# model's own one-pass forward took up to 9% and 16% more than the tensor count.
+SAFETY_FACTOR = {"cpu": 1.1, "cuda": 1.25}
+ONE_PASS_SAFETY_FACTOR = {"cpu": 1.1, "cuda": 1.4}
 SAFETY_BYTES = 32 * 2**20  # first-use oneDNN kernels and scratch, Python objects
 TILE_EDGES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -108,6 +112,10 @@ class Geometry:
         if b * c_in * padded[0] * padded[1] <= 20480:
             return c_in * math.prod(k) * math.prod(out_edges) * e
         return out + b * c_in * math.prod(padded) * e
+
+    def with_margin(self, tensor_bytes: float, factors: dict[str, float] = SAFETY_FACTOR) -> int:
+        """An estimate of the measured peak from the bytes of the tensors alive at once."""
+        return int(factors.get(self.device_type, factors["cuda"]) * tensor_bytes) + SAFETY_BYTES
 
     def full_bytes(self, position: int) -> int:
         return self.batch * self.channels[position] * math.prod(self.shapes[position]) * ELEMENT_BYTES
@@ -209,7 +217,7 @@ def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget:
     best = None
     for tile in _tile_shapes(geometry.shapes[stop]):
         flops, work = geometry.pass_cost(start, stop, tile)
-        peak = int(SAFETY_FACTOR * (fixed + work)) + SAFETY_BYTES
+        peak = geometry.with_margin(fixed + work)
         if budget == math.inf:  # minimum-memory mode: smallest peak
             key, best_key = (peak, flops), best and (best.peak_bytes, best.flops)
         else:
@@ -230,7 +238,7 @@ def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass
             return None
         fixed = (geometry.full_bytes(start) if start > 0 else 0) + geometry.full_bytes(stop)
         work = _whole_step_bytes(geometry, start)
-        peak = int(SAFETY_FACTOR * (fixed + work)) + SAFETY_BYTES
+        peak = geometry.with_margin(fixed + work)
         return [Pass(start, stop, (0, 0, 0), True, 0.0, peak)] if peak <= budget else None
     passes = []
     if isinstance(steps[start], NormStep) and (start == 0 or isinstance(steps[start - 1], WholeStep)):
@@ -307,7 +315,7 @@ def estimate_one_pass_bytes(geometry: Geometry, input_copied: bool = False) -> i
             live -= current  # T_0 is the caller's input
         peak = max(peak, extra + live)
         current = out
-    return int(SAFETY_FACTOR * peak) + SAFETY_BYTES
+    return geometry.with_margin(peak, ONE_PASS_SAFETY_FACTOR)
 
 
 def plan_volume(geometry: Geometry, budget: float, allow_one_pass: bool = True) -> Plan:

@@ -31,6 +31,7 @@ from medvae.losses import VAELoss
 from medvae.losses.adversarial import discriminator_loss
 from medvae.models import VAE3D
 from medvae.models.discriminator import PatchDiscriminator3D
+from medvae.prior import fit_and_save_prior
 from medvae.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from medvae.train.guard import DivergenceError, DivergenceGuard, GuardEvent, most_severe_action
 from medvae.train.ordering import EpochOrderedDataset
@@ -308,6 +309,8 @@ def train(config: Config) -> TrainResult:
         final_model = ema.module if ema is not None else unwrapped
         save_model(final_model, run_dir / "export", preprocessing=preprocessing,
                    extra={"step": state["step"], "trained_with": to_dict(config)})
+        # The prior `generate --prior fitted` samples: fitted to the training volumes' latent means.
+        fit_and_save_prior(final_model, train_set.data, config.data, run_dir / "export")
         (run_dir / "summary.json").write_text(json.dumps({"step": state["step"], "run_dir": str(run_dir)}, indent=1))
     accelerator.wait_for_everyone()
     tracker.finish()

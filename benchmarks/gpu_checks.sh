@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Device checks on a CUDA machine with no network: the CUDA paths (fp16 with GradScaler, bf16),
+# speed and memory against MONAI, stability (torture grid) and steps-to-quality (convergence).
+# Wheels for packages that machine lacks are carried in .whl/, and the MNI template in .gpu_data/.
+#   OUT=benchmarks/out bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+export MEDVAE_MNI_T1=${MEDVAE_MNI_T1:-.gpu_data/mni152_t1_1mm.nii.gz}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, monai, accelerate; print('torch', torch.__version__, 'monai', monai.__version__, 'accelerate', accelerate.__version__)" | tee -a "$OUT/gpu.txt"
+section() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? seconds=$((SECONDS - t0))" | tee -a "$OUT/$name.log"
+  grep -E '^\||^wrote|Error|error' "$OUT/$name.log" | grep -v Warning | tail -60; }
+section gpu_speed "${SPEED_LIMIT:-150}" python3 benchmarks/gpu_speed.py --sizes 64 96 128 --repeats 6 --json "$OUT/gpu_speed.json"
+section torture "${TORTURE_LIMIT:-200}" python3 benchmarks/torture.py --seeds 2 --steps 30 --json "$OUT/torture.json"
+section convergence "${CONVERGENCE_LIMIT:-170}" python3 benchmarks/convergence.py --steps 400 --eval-every 50 --json "$OUT/convergence.json"
+if [ -f benchmarks/inference_cuda.py ]; then
+  section inference_cuda "${INFERENCE_LIMIT:-60}" python3 benchmarks/inference_cuda.py --json "$OUT/inference_cuda.json"
+fi
