@@ -108,8 +108,9 @@ class LatentPrior:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log density of latent grids z (N, C, d, h, w) in nats, (N,) float64 (Woodbury identity)."""
-        return _log_prob(z.reshape(z.shape[0], -1).double(), self.mean.reshape(-1).double(),
-                         self.factors.reshape(self.rank, self.mean.numel()).double(), self.residual_std.reshape(-1).double() ** 2)
+        factors = self.factors.reshape(self.rank, self.mean.numel()).double()
+        return _log_prob(z.reshape(z.shape[0], -1).double(), self.mean.reshape(-1).double(), factors,
+                         self.residual_std.reshape(-1).double() ** 2)
 
 
 @contextlib.contextmanager
@@ -325,7 +326,7 @@ def load_prior(export_dir: str | os.PathLike) -> LatentPrior | None:
     """The fitted prior of an export (or run) folder, or None when it has none."""
     from safetensors.torch import load_file
 
-    from medvae.export import read_export_config, resolve_export_dir
+    from medvae.export import model_hash, read_export_config, resolve_export_dir
 
     directory = resolve_export_dir(export_dir)
     description = (read_export_config(directory).get("extra") or {}).get("prior")
@@ -334,6 +335,8 @@ def load_prior(export_dir: str | os.PathLike) -> LatentPrior | None:
     path = directory / str(description.get("file", PRIOR_NAME))
     if not path.is_file():
         raise ValueError(f"{path}: config.json describes a fitted prior but its file is missing")
+    if description.get("model_hash") not in (None, model_hash(directory)):
+        raise ValueError(f"{path}: the prior was fitted to other weights than {directory / 'model.safetensors'}")
     try:
         tensors = load_file(str(path))
         return LatentPrior(tensors["mean"], tensors["residual_std"], tensors["factors"], dict(description))

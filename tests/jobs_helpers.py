@@ -70,8 +70,12 @@ def run_cli(*args, cwd: Path | None = None, launcher: list[str] | None = None, t
 
 
 def assert_one_line_error(result, *needles: str) -> None:
-    """Non-zero exit and exactly one stderr line, 'medvae CMD: error: ...', holding every needle."""
-    assert result.returncode != 0, result.stdout + result.stderr
+    """Non-zero exit and exactly one stderr line, 'medvae CMD: error: ...', holding every needle.
+
+    ``result``: a ``subprocess.CompletedProcess`` or a click ``CliRunner`` result.
+    """
+    code = getattr(result, "returncode", getattr(result, "exit_code", None))
+    assert code not in (0, None), result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "error:" in lines[0]

@@ -147,22 +147,26 @@ def test_sampled_latent_uses_the_generator():
 
 
 def test_autocast_is_honoured():
-    model = perturbed_model([8, 16])
+    model = perturbed_model([8, 16, 16])
     x = volume()
     budget = budget_between(model, "encoder", SHAPE)
     with torch.no_grad():
         reference = model.encode(x).mean
+        decoded = model.decode(reference)
+    z_budget = budget_between(model, "decoder", tuple(reference.shape))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = encode_volume(model, x, memory_budget=budget).mean
-    assert low.dtype == torch.float32  # the moments convolution runs in float32, as in the model
-    difference = (low - reference).abs().max()
-    assert 0 < difference < 0.1  # bf16 rounding: different from float32, but close
+        low_decoded = decode_volume(model, reference, memory_budget=z_budget)
+    # The output convolutions run in float32, as in the model; the rest in bf16: close, not equal.
+    assert low.dtype == low_decoded.dtype == torch.float32
+    assert 0 < (low - reference).abs().max() < 0.1
+    assert 0 < (low_decoded - decoded).abs().max() < 0.1
 
 
 def test_budget_too_small_raises_with_the_minimum():
     model = perturbed_model([8, 16, 16])
     minimum = minimum_bytes(_geometry(model, "encoder", SHAPE))
-    with pytest.raises(ValueError, match=rf"too small .* needs about {minimum} bytes"):
+    with pytest.raises(ValueError, match=rf"encode_volume: .* too small .* needs about {minimum} bytes"):
         encode_volume(model, volume(), memory_budget=minimum - 1)
     with pytest.raises(ValueError, match="memory_budget must be a positive"):
         decode_volume(model, torch.zeros(1, 3, 6, 10, 8), memory_budget=0)

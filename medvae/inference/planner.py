@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 from medvae.inference.steps import ConvStep, NormStep, Step, WholeStep
 
@@ -79,8 +78,8 @@ class Geometry:
         for step in steps:
             self.shapes.append(tuple(step.output_length(a, n) for a, n in enumerate(self.shapes[-1])))
         self.channels = [steps[0].in_channels] + [s.out_channels for s in steps]
-        # Residual blocks: push position s (block input) -> index of the closing ConvStep.
-        self.block_of: dict[int, int] = {}  # step index inside a block -> push index
+        self.block_of: dict[int, int] = {}  # step index inside a residual block -> its first step
+        self._extents: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
         open_push = None
         for i, step in enumerate(steps):
             if isinstance(step, NormStep) and step.push_skip:
@@ -93,7 +92,7 @@ class Geometry:
     def conv_workspace(self, index: int, out_edges: list[int]) -> int:
         """Bytes a convolution allocates besides its output, for an output tile of ``out_edges``.
 
-        CPU, channels-last: oneDNN directly (``conv3d_unpadded``), measured at a fraction of the
+        CPU, channels-last: oneDNN directly (``steps._convolve``), measured at a fraction of the
         output. CPU, contiguous: PyTorch runs a float32 conv3d with B * C_in * D_in * H_in <= 20480
         (small tiles, 1-channel inputs) as im2col + GEMM with a column buffer of
         C_in * kernel volume * output voxels, larger ones through oneDNN with a reordered input
@@ -127,10 +126,14 @@ class Geometry:
         before = position - 1
         return before not in self.block_of or (isinstance(self.steps[before], ConvStep) and self.steps[before].skip is not None)
 
-    @lru_cache(maxsize=None)
     def axis_extents(self, stop: int, axis: int, tile: int) -> tuple[tuple[int, int], ...]:
         """For tiles of edge ``tile`` along ``axis`` of T_stop: (sum, max) of interval lengths at
         every position 0..stop (positions before a WholeStep are not reachable: (0, 0))."""
+        if (stop, axis, tile) not in self._extents:
+            self._extents[stop, axis, tile] = self._axis_extents(stop, axis, tile)
+        return self._extents[stop, axis, tile]
+
+    def _axis_extents(self, stop: int, axis: int, tile: int) -> tuple[tuple[int, int], ...]:
         n = self.shapes[stop][axis]
         intervals = [(s, min(s + tile, n)) for s in range(0, n, tile)]
         extents = [(0, 0)] * (stop + 1)
@@ -212,22 +215,20 @@ def _tile_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
 
 
 def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget: float) -> Pass | None:
-    """The fewest-flops tiling of the pass that fits ``budget`` (or the smallest one if budget is inf)."""
+    """The fewest-flops tiling of the pass that fits ``budget``; the smallest one if budget is inf."""
     fixed = (geometry.full_bytes(start) if start > 0 else 0) + (geometry.full_bytes(stop) if produce else 0)
-    best = None
+    fitting = []
     for tile in _tile_shapes(geometry.shapes[stop]):
         flops, work = geometry.pass_cost(start, stop, tile)
         peak = geometry.with_margin(fixed + work)
-        if budget == math.inf:  # minimum-memory mode: smallest peak
-            key, best_key = (peak, flops), best and (best.peak_bytes, best.flops)
-        else:
-            if peak > budget:
-                continue
-            key, best_key = (flops, -peak), best and (best.flops, -best.peak_bytes)
-        if best is None or key < best_key:
+        if peak <= budget:
             tiles = math.prod(math.ceil(n / t) for n, t in zip(geometry.shapes[stop], tile))
-            best = Pass(start, stop, tile, produce, flops, peak, tiles)
-    return best
+            fitting.append(Pass(start, stop, tile, produce, flops, peak, tiles))
+    if not fitting:
+        return None
+    if budget == math.inf:
+        return min(fitting, key=lambda p: (p.peak_bytes, p.flops))
+    return min(fitting, key=lambda p: (p.flops, -p.peak_bytes))  # ties: the larger tiles
 
 
 def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass) -> list[Pass] | None:
@@ -284,12 +285,16 @@ def _search(geometry: Geometry, budget: float) -> Plan | None:
     return Plan(tuple(passes), peak, flops)
 
 
-def estimate_one_pass_bytes(geometry: Geometry, input_copied: bool = False) -> int:
-    """Peak extra memory of the model's own forward on the whole volume (its output included)."""
+def estimate_one_pass_bytes(geometry: Geometry) -> int:
+    """Peak extra memory of the model's own forward on the whole volume (its output included).
+
+    Models a plain GroupNorm -> SiLU -> Conv3d forward (norm and SiLU outputs both alive), which
+    bounds the fused forward of ``medvae.models.blocks`` from above: measured peaks were 60-90% of
+    this estimate on the CPU and 85-92% on an H200 (benchmarks/RESULTS.md).
+    """
     full = geometry.full_bytes
     peak = 0
     current = 0  # bytes of the running tensor h
-    extra = full(0) if input_copied else 0  # a memory-format copy of the input, alive throughout
     block_input = 0
     norm_input = 0  # inside a block, conv2's caller still holds conv1's output
     for i, step in enumerate(geometry.steps):
@@ -313,24 +318,24 @@ def estimate_one_pass_bytes(geometry: Geometry, input_copied: bool = False) -> i
             live = current + out + _whole_step_bytes(geometry, i)
         if i == 0:
             live -= current  # T_0 is the caller's input
-        peak = max(peak, extra + live)
+        peak = max(peak, live)
         current = out
     return geometry.with_margin(peak, ONE_PASS_SAFETY_FACTOR)
 
 
-def plan_volume(geometry: Geometry, budget: float, allow_one_pass: bool = True) -> Plan:
-    """The fastest plan whose estimated peak fits ``budget`` bytes; ValueError naming the minimum."""
-    if allow_one_pass:
-        one_pass = estimate_one_pass_bytes(geometry)
-        if one_pass <= budget:
-            return Plan((), one_pass, 0.0, one_pass=True)
+def plan_volume(geometry: Geometry, budget: float, allow_one_pass: bool = True, what: str = "plan_volume") -> Plan:
+    """The fastest plan whose estimated peak fits ``budget`` bytes: the model's own forward if that
+    fits (and ``allow_one_pass``), else the fewest-flops tiled plan. ValueError naming the minimum."""
+    one_pass = estimate_one_pass_bytes(geometry)
+    if allow_one_pass and one_pass <= budget:
+        return Plan((), one_pass, 0.0, one_pass=True)
     plan = _search(geometry, budget)
     if plan is None:
         minimum = minimum_bytes(geometry)
         raise ValueError(
-            f"memory_budget={int(budget)} bytes ({budget / 2**30:.3g} GiB) is too small for a volume of "
-            f"shape {geometry.shapes[0]} (batch {geometry.batch}): the smallest plan needs about "
-            f"{minimum} bytes ({minimum / 2**30:.3g} GiB)"
+            f"{what}: memory_budget={int(budget)} bytes ({budget / 2**30:.3g} GiB) is too small for input "
+            f"shape {(geometry.batch, geometry.channels[0], *geometry.shapes[0])}: the smallest plan needs "
+            f"about {minimum} bytes ({minimum / 2**30:.3g} GiB), one pass about {one_pass / 2**30:.3g} GiB"
         )
     return plan
 

@@ -43,7 +43,7 @@ class ConvStep:
     upsample: bool = False  # nearest x2 before the convolution (Upsample)
     float32: bool = False  # run with autocast off on a float32 input (the model's output convs)
     skip: nn.Module | None = None  # closes a residual block: output += skip(block input)
-    channels_last: bool = False  # the model's layout: run oneDNN directly on channels-last tiles
+    onednn: bool = False  # a channels-last model: CPU convolutions go straight to oneDNN
 
     def __post_init__(self) -> None:
         if self.conv.padding_mode != "zeros" or isinstance(self.conv.padding, str):
@@ -91,15 +91,21 @@ class ConvStep:
         if self.transposed:
             # coarse voxels (o0 - 1) // 2 .. o1 // 2 feed fine voxels o0 .. o1 - 1
             want = [((o0 - 1) // 2, o1 // 2 + 1) for o0, o1 in out]
-            y = F.conv_transpose3d(_crop_pad(x, have, want, n_in), self._weight_transposed(), self.conv.bias, stride=2, padding=1)
-            return _crop(y, [(2 * a, 2 * b) for a, b in want], out)  # y[j] is fine voxel 2 * want[0] + j
+            y = _convolve(_crop_pad(x, have, want, n_in), self._weight_transposed(), self.conv.bias, (2, 2, 2), transposed=True)
+            return crop_view(y, [(2 * a, 2 * b) for a, b in want], out)  # y[j] is fine voxel 2 * want[0] + j
         if self.upsample:
             need = [self.input_interval(a, out[a], n_in[a]) for a in range(3)]
-            x = F.interpolate(_crop(x, have, need), scale_factor=2.0, mode="nearest")
+            x = F.interpolate(crop_view(x, have, need), scale_factor=2.0, mode="nearest")
             have = [(2 * a, 2 * b) for a, b in need]
             n_in = [2 * n for n in n_in]
         x = _crop_pad(x, have, [self._conv_input(a, out[a]) for a in range(3)], n_in)
-        return conv3d_unpadded(x, self.conv, self.float32, self.channels_last)
+        return _convolve(x, self.conv.weight, self.conv.bias, self.conv.stride, float32=self.float32, onednn=self.onednn)
+
+    def add_skip(self, h: torch.Tensor, block_input: torch.Tensor) -> torch.Tensor:
+        """h += skip(block_input), in place; ``block_input`` is cropped to h's voxels already."""
+        if isinstance(self.skip, nn.Conv3d):
+            return h.add_(_convolve(block_input, self.skip.weight, self.skip.bias, self.skip.stride, onednn=self.onednn))
+        return h.add_(block_input)
 
     def _weight_transposed(self) -> torch.Tensor:
         """(in, out, 4, 4, 4) weight of the transposed convolution, summed in float64."""
@@ -176,34 +182,45 @@ Step = ConvStep | NormStep | WholeStep
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def conv3d_unpadded(x: torch.Tensor, conv: nn.Conv3d, float32: bool = False, channels_last_layout: bool = False) -> torch.Tensor:
-    """``conv`` on ``x`` with padding 0 (the tile is already padded), in the autocast dtype (or
-    float32). On the CPU, channels-last float32/bf16 input goes straight to oneDNN: PyTorch would
-    send small or 1-channel float32 tiles to an im2col kernel that is slower, allocates a column
-    buffer of C_in x 27 x the output, and returns contiguous output."""
+def _convolve(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, *,
+    transposed: bool = False, float32: bool = False, onednn: bool = False,
+) -> torch.Tensor:
+    """A convolution of an already zero-padded tile (padding 0; a transposed one with padding 1),
+    in the autocast dtype if autocast is on, else in float32 when ``float32``, else in x's dtype.
+
+    ``onednn`` (channels-last models on the CPU): float32/bf16 convolutions go straight to oneDNN;
+    PyTorch would send small or 1-channel float32 tiles to an im2col kernel that is slower,
+    allocates a column buffer of C_in x 27 x the output and returns contiguous output.
+    """
     device = x.device.type
-    dtype = torch.float32 if float32 else (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype)
+    if float32:
+        dtype = torch.float32
+    else:
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device_type=device, enabled=False):
-        weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
-        x = x.to(dtype)
-        if channels_last_layout and device == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available():
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        if transposed:
+            return F.conv_transpose3d(x, weight, bias, stride=stride, padding=1)
+        if onednn and device == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available():
             x, weight = channels_last(x), channels_last(weight)
-            return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0, 0], list(conv.stride), [1, 1, 1], 1)
-        return F.conv3d(x, weight, bias, conv.stride)
+            return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0, 0], list(stride), [1, 1, 1], 1)
+        return F.conv3d(x, weight, bias, stride)
 
 
 def _crop_pad(x: torch.Tensor, have: list[Interval], want: list[Interval], n: list[int]) -> torch.Tensor:
     """``x`` (covering ``have``) cut to ``want``; the parts of ``want`` outside [0, n) become zeros
     (the convolution's zero padding, which exists only at the border of the whole volume)."""
     clipped = [(max(a, 0), min(b, size)) for (a, b), size in zip(want, n)]
-    x = _crop(x, have, clipped)
+    x = crop_view(x, have, clipped)
     pad = []  # F.pad order: last axis first, (before, after)
     for (a, b), (ca, cb) in reversed(list(zip(want, clipped))):
         pad += [ca - a, b - cb]
     return F.pad(x, pad) if any(pad) else x
 
 
-def _crop(x: torch.Tensor, have: list[Interval], need: list[Interval]) -> torch.Tensor:
+def crop_view(x: torch.Tensor, have: list[Interval], need: list[Interval]) -> torch.Tensor:
     """View of ``x`` (covering ``have``) restricted to ``need`` (inside ``have``)."""
     index = [slice(None), slice(None)]
     for (h0, h1), (n0, n1) in zip(have, need):
@@ -271,7 +288,7 @@ def network_steps(net: nn.Module, in_channels: int, channels_last_layout: bool =
     steps[-1].float32 = True
     for step in steps:
         if isinstance(step, ConvStep):
-            step.channels_last = channels_last_layout
+            step.onednn = channels_last_layout
     for before, after in zip(steps, steps[1:]):
         if before.out_channels != after.in_channels:
             raise ValueError(f"tiled inference: cannot follow the channels of {type(net).__name__} ({before} -> {after})")

@@ -13,11 +13,10 @@ import ctypes.util
 import itertools
 
 import torch
-from torch import nn
 
 from medvae.inference.planner import Geometry, Plan
 from medvae.inference.statistics import GroupStatistics
-from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, _crop, conv3d_unpadded
+from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, crop_view
 from medvae.models.blocks import channels_last
 
 Statistics = dict[int, tuple[torch.Tensor, torch.Tensor]]  # step index -> (mean, rstd), (B, groups)
@@ -72,8 +71,7 @@ def _run_tile(
             tile = step.forward(tile, regions[i], regions[i + 1], list(shapes[i]))
             if step.skip is not None:
                 block_input, have = held.pop()
-                block_input = _crop(block_input, have, regions[i + 1])
-                tile += conv3d_unpadded(block_input, step.skip, False, step.channels_last) if isinstance(step.skip, nn.Conv3d) else block_input
+                tile = step.add_skip(tile, crop_view(block_input, have, regions[i + 1]))
                 del block_input
     return tile
 

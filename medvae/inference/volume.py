@@ -52,7 +52,7 @@ def _geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.dev
     return Geometry(steps, shape[0], tuple(shape[2:]), channels_last, device.type)
 
 
-def _check_volume(model: VAE3D, x: torch.Tensor, channels: int, what: str, multiple: int) -> None:
+def _check_volume(x: torch.Tensor, channels: int, what: str, multiple: int) -> None:
     if x.ndim != 5:
         raise ValueError(f"{what}: expected a 5-D tensor (B, C, D, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
@@ -115,9 +115,9 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
     Raises:
         ValueError: a bad shape, or a budget below the smallest possible plan (the message names it).
     """
-    _check_volume(model, x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
+    _check_volume(x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
     geometry = _geometry(model, "encoder", tuple(x.shape), x.device)
-    plan = plan_volume(geometry, _budget(memory_budget, x.device))
+    plan = plan_volume(geometry, _budget(memory_budget, x.device), what="encode_volume")
     with _inference(model):
         if plan.one_pass:
             return model.encode(x)
@@ -140,9 +140,9 @@ def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = 
 
     Same budget semantics and guarantees as ``encode_volume``; equal to ``model.decode(z)``.
     """
-    _check_volume(model, z, model.arch.latent_channels, "decode_volume", 1)
+    _check_volume(z, model.arch.latent_channels, "decode_volume", 1)
     geometry = _geometry(model, "decoder", tuple(z.shape), z.device)
-    plan = plan_volume(geometry, _budget(memory_budget, z.device))
+    plan = plan_volume(geometry, _budget(memory_budget, z.device), what="decode_volume")
     with _inference(model):
         if plan.one_pass:
             return model.decode(z)

@@ -25,6 +25,7 @@ only it writes the table.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -127,8 +128,8 @@ def _check_compatible(rows: list[Row], out_file: Path, loaded: LoadedModel, samp
     expected = 0 if not spatial_pool else channels * spatial_pool**3
     found = 0 if first.get("spatial_embedding") is None else len(first["spatial_embedding"])
     if found != expected:
-        raise ValueError(f"{out_file}: was written with a different --spatial-pool "
-                         f"({round((found / channels) ** (1 / 3)) if found else 'none'}); use the same or another --out")
+        written = round((found / channels) ** (1 / 3)) if found else "none"
+        raise ValueError(f"{out_file}: was written with --spatial-pool {written}; use the same or another --out")
 
 
 def _plan(loaded: LoadedModel, out_file: Path, inputs: list, sample: bool, spatial_pool: int | None
@@ -157,7 +158,7 @@ def _on_main_then_share(state, function):
     status, value = payload[0]
     if status == "error":
         kind, message = value
-        raise (kind if issubclass(kind, (ValueError, FileNotFoundError)) else ValueError)(message)
+        raise (FileNotFoundError if issubclass(kind, FileNotFoundError) else ValueError)(message)
     return value
 
 
@@ -215,9 +216,17 @@ def embed(model_dir: str | os.PathLike, out_file: str | os.PathLike, inputs: lis
     if latents is not None and latents.exists() and not latents.is_dir():
         raise NotADirectoryError(f"{latents}: --latents-dir is a file, not a folder")
 
+    latents_created = latents is not None and not latents.exists()  # removed again if a bad input stops us
     state = PartialState(cpu=not torch.cuda.is_available())
     loaded = load_for_inference(model_dir, device=state.device, memory_budget=memory_budget)
-    existing, todo = _on_main_then_share(state, lambda: _plan(loaded, out_file, inputs, sample, spatial_pool))
+    existing: list[Row] = []
+
+    def plan_on_main() -> list[Item]:  # the rows already written stay on the main process
+        nonlocal existing
+        existing, todo = _plan(loaded, out_file, inputs, sample, spatial_pool)
+        return todo
+
+    todo = _on_main_then_share(state, plan_on_main)
     rank, world = state.process_index, state.num_processes
     mine = list(range(rank, len(todo), world))  # indices into todo
     steps = math.ceil(math.ceil(len(todo) / world) / batch_size)  # the same on every rank
@@ -234,7 +243,7 @@ def embed(model_dir: str | os.PathLike, out_file: str | os.PathLike, inputs: lis
             try:
                 row = embed_one(loaded, todo[index], sample=sample, seed=seed, spatial_pool=spatial_pool,
                                 latents_dir=latents)
-            except ValueError as err:
+            except (ValueError, OSError) as err:  # reported by every rank after the gather, not a hang
                 error = (index, " ".join(str(err).split()))
                 break
             if row["latent_file"]:
@@ -245,6 +254,9 @@ def embed(model_dir: str | os.PathLike, out_file: str | os.PathLike, inputs: lis
         if errors:
             for path in pending_files:  # keep the latents folder in step with the table
                 path.unlink(missing_ok=True)
+            if latents_created:
+                with contextlib.suppress(OSError):  # not empty, or another rank removed it
+                    latents.rmdir()
             progress.close()
             raise ValueError(errors[0][1])
         for g in gathered:

@@ -116,7 +116,8 @@ def _read_npz(path: Path) -> list[Row]:
     for i in range(len(arrays["id"])):
         row = {name: str(arrays[name][i]) for name in TEXT_COLUMNS}
         row["embedding"] = arrays["embedding"][i].astype(np.float32)
-        row["spatial_embedding"] = arrays["spatial_embedding"][i].astype(np.float32) if "spatial_embedding" in arrays else None
+        spatial = arrays.get("spatial_embedding")
+        row["spatial_embedding"] = None if spatial is None else spatial[i].astype(np.float32)
         row["latent_shape"] = [int(s) for s in arrays["latent_shape"][i]]
         row["sampled"] = bool(arrays["sampled"][i])
         rows.append(row)

@@ -66,7 +66,8 @@ def _range(loaded: LoadedModel, target: torch.Tensor) -> tuple[float, str]:
     if intensity.get("preset") in CLIPPED_PRESETS and intensity.get("clip"):
         low, high = float(intensity.get("b_min", 0.0)), float(intensity.get("b_max", 1.0))
         return high - low, f"normalised [{low:g}, {high:g}] ({intensity['preset']})"
-    return float(target.max() - target.min()), f"normalised ({intensity.get('preset')}), data_range = each input's max - min"
+    preset = intensity.get("preset")
+    return float(target.max() - target.min()), f"normalised ({preset}), data_range = each input's max - min"
 
 
 def score_volume(loaded: LoadedModel, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:

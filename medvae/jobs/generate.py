@@ -69,7 +69,7 @@ def _choose_prior(loaded: LoadedModel, prior: str, shape):
     factor = loaded.factor
     if prior == "fitted":
         if fitted is None:
-            raise ValueError(f"{loaded.directory}: this model has no fitted prior ({loaded.directory}/prior.safetensors); "
+            raise ValueError(f"{loaded.directory}: this model has no fitted prior (no prior.safetensors); "
                              "use --prior standard, or export it from a training run that fits one")
         prior_shape = tuple(s * factor for s in fitted.latent_shape[1:])
         if shape is not None and _check_shape(shape, factor) != prior_shape:

@@ -112,6 +112,14 @@ class GroupNormSiLU(nn.GroupNorm):
         return _group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
+def _norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype group norm computes in: float32 for fp16 (its squares can overflow) and, on CUDA,
+    for any half precision (as CUDA autocast does); else the input's dtype."""
+    if x.dtype == torch.float16 or (x.device.type != "cpu" and x.dtype == torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
 def _group_norm(x: torch.Tensor, norm: GroupNormSiLU) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """group_norm(x) with its statistics: (output t, mean, rstd), mean and rstd (B, groups) float32.
 
@@ -121,12 +129,28 @@ def _group_norm(x: torch.Tensor, norm: GroupNormSiLU) -> tuple[torch.Tensor, tor
     """
     b, c = x.shape[:2]
     fmt = _suggested_format(x)
-    if x.device.type != "cpu":  # CUDA: float32 (as its autocast does) and contiguous input only
-        source = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    source = x.to(_norm_dtype(x))
+    if x.device.type != "cpu":  # the CUDA kernel takes contiguous input only
         t, mean, rstd = torch.native_group_norm(source.contiguous(), norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
         return t.contiguous(memory_format=fmt), mean, rstd
-    source = (x.float() if x.dtype == torch.float16 else x).contiguous(memory_format=fmt)
+    source = source.contiguous(memory_format=fmt)
     return torch.native_group_norm(source, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+
+
+def _per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, groups) -> (B, C) float32, each group's value repeated for its channels."""
+    return stat.float().repeat_interleave(channels // stat.shape[1], dim=1)
+
+
+def _group_norm_from_stats(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """group_norm(x) written into ``out`` as x * scale + shift, from saved (B, groups) statistics:
+    one pass, no reduction. Used for SiLU's derivative, where last-bit differences do not matter."""
+    b, c = x.shape[:2]
+    scale = _per_channel(rstd, c) * weight.float()
+    shift = bias.float() - _per_channel(mean, c) * scale
+    return torch.addcmul(shift.to(out.dtype).view(b, c, 1, 1, 1), x, scale.to(out.dtype).view(b, c, 1, 1, 1), out=out)
 
 
 def _norm_silu_conv_forward(
@@ -157,88 +181,93 @@ class _NormSiLUConv(torch.autograd.Function):
         x, norm_weight, norm_bias, conv_weight, mean, rstd = ctx.saved_tensors
         norm, conv, conv_dtype = ctx.norm, ctx.conv, ctx.conv_dtype
         need_x, need_nw, need_nb, need_cw, need_cb = ctx.needs_input_grad[:5]
+        need_norm = need_x or need_nw or need_nb
+        need_cb = need_cb and ctx.has_bias
+        grad_x = grad_nw = grad_nb = grad_cw = grad_cb = None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # Recompute the normalised input with the forward's kernel: bitwise the same activation.
+            # Recompute the activation with the forward's kernel: bitwise the same as in forward.
             t, _, _ = _group_norm(x, norm)
-            activation = F.silu(t).to(conv_dtype)
+            activation = F.silu(t, inplace=True).to(conv_dtype)
+            del t
             fmt = _suggested_format(activation)
+            grad_y = grad_y.to(conv_dtype).contiguous(memory_format=fmt)
+            weight = conv_weight.to(conv_dtype)
+            conv_args = ([conv_weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1)
+            # Weight gradient first, then drop the activation before the input gradient is made: one
+            # full-size temporary at a time. The input gradient reads only the shape of ``input``.
+            split = need_norm and x.dtype == conv_dtype and _suggested_format(x) is fmt
             grad_activation, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
-                grad_y.to(conv_dtype).contiguous(memory_format=fmt),
-                activation,
-                conv_weight.to(conv_dtype),
-                [conv_weight.shape[0]] if ctx.has_bias else None,
-                list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1,
-                [need_x or need_nw or need_nb, need_cw, need_cb and ctx.has_bias],
+                grad_y, activation, weight, *conv_args, [need_norm and not split, need_cw, need_cb]
             )
-            if grad_activation is not None:
-                grad_activation = grad_activation.contiguous(memory_format=fmt)
-            grad_x = grad_nw = grad_nb = None
-            if need_x or need_nw or need_nb:
-                # d silu: written over t, which is not needed afterwards.
-                grad_t = torch.ops.aten.silu_backward.grad_input(grad_activation.to(t.dtype), t, grad_input=t)
-                spare = [activation, grad_activation]
-                del activation, grad_activation
-                grad_x, grad_nw, grad_nb = _group_norm_backward(grad_t, x, mean, rstd, norm_weight, norm.num_groups, spare)
+            del activation
+            if split:
+                grad_activation = torch.ops.aten.convolution_backward(grad_y, x, weight, *conv_args, [True, False, False])[0]
+            del grad_y
+            if need_norm:
+                grad_activation = grad_activation.contiguous(memory_format=fmt).to(_norm_dtype(x))
+                grad_x, grad_nw, grad_nb = _silu_group_norm_backward(grad_activation, x, mean, rstd, norm_weight, norm_bias, norm.num_groups)
         grad_cw = None if grad_cw is None else grad_cw.to(conv_weight.dtype)
         grad_cb = None if grad_cb is None else grad_cb.to(conv_weight.dtype)
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
 
 
-def _reuse_or_new(spare: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """A dead tensor from ``spare`` with the shape, dtype and layout of ``like``, else a new one.
-
-    Reusing buffers matters on CPU: every fresh large tensor costs page faults on first touch.
-    """
-    for i, t in enumerate(spare):
-        if t.shape == like.shape and t.dtype == like.dtype and t.stride() == like.stride():
-            return spare.pop(i)
-    return torch.empty_like(like)
+def _slabs(n: int, parts: int = 8) -> list[slice]:
+    step = -(-n // min(parts, n))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _group_norm_backward(
-    grad_t: torch.Tensor,
+def _silu_group_norm_backward(
+    grad: torch.Tensor,
     x: torch.Tensor,
     mean: torch.Tensor,
     rstd: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor,
     groups: int,
-    spare: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of group_norm(x) w.r.t. x, weight and bias, given d loss / d output ``grad_t``.
+    """Gradients of silu(group_norm(x)) w.r.t. x, weight and bias, given ``grad`` = d loss / d output.
 
-    dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)), written as
-    A_c * g + B_c * (x - m_c) + C_c with per-(sample, channel) float32 coefficients from two channel
-    sums, where m_c is the group mean rounded to x's dtype: centring first keeps the sums well
-    conditioned in bf16. Plain tensor ops, because PyTorch's channels-last CPU kernel is slow for 1-2
-    channels per group (very slow in bf16). ``spare`` holds dead buffers that may be reused.
+    With g = grad * silu'(t) (t the norm output, recomputed from the saved statistics), GroupNorm's
+    dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)) is written
+    as A_c * g + B_c * (x - m_c) + C_c with per-(sample, channel) float32 coefficients from two
+    channel sums; m_c is the group mean rounded to g's dtype, so the sums stay well conditioned in
+    bf16. The work runs in depth slabs, in place in ``grad`` (which becomes dx): one slab-sized
+    temporary instead of full-size ones. Plain tensor ops, because PyTorch's channels-last CPU
+    kernel is slow for 1-2 channels per group (very slow in bf16).
     """
     b, c = x.shape[:2]
     per_group = c // groups
     count = per_group * x[0, 0].numel()
     dims = (2, 3, 4)
     shape = (b, c, 1, 1, 1)
-    mean_c = mean.float().repeat_interleave(per_group, dim=1)  # (B, C)
-    rstd_c = rstd.float().repeat_interleave(per_group, dim=1)
-    mean_rounded = mean_c.to(grad_t.dtype)
-    centred = torch.sub(x, mean_rounded.view(shape), out=_reuse_or_new(spare, grad_t))
-    product = torch.mul(grad_t, centred, out=_reuse_or_new(spare, grad_t))
-    sum_g = grad_t.sum(dims).float()  # (B, C)
-    shift = mean_rounded.float() - mean_c  # x - mean = centred + shift
-    sum_g_xhat = rstd_c * (product.sum(dims).float() + shift * sum_g)  # sum over voxels of g * xhat
+    dtype = grad.dtype
+    mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)  # (B, C)
+    mean_rounded = mean_c.to(dtype)
+    shift = mean_rounded.float() - mean_c  # x - mean = (x - mean_rounded) + shift
+    slabs = _slabs(x.shape[2])
+    work = torch.empty((b, c, slabs[0].stop, *x.shape[3:]), dtype=dtype, device=x.device, memory_format=_suggested_format(grad))
+    sum_g = torch.zeros(b, c, device=x.device)
+    sum_g_centred = torch.zeros(b, c, device=x.device)
+    for depth in slabs:
+        g, xs, tmp = grad[:, :, depth], x[:, :, depth], work[:, :, : depth.stop - depth.start]
+        t = _group_norm_from_stats(xs, mean, rstd, weight, bias, out=tmp)
+        torch.ops.aten.silu_backward.grad_input(g, t, grad_input=g)
+        sum_g += g.sum(dims).float()
+        sum_g_centred += torch.sub(xs, mean_rounded.view(shape), out=tmp).mul_(g).sum(dims).float()
+    sum_g_xhat = rstd_c * (sum_g_centred + shift * sum_g)  # sum over voxels of g * xhat
     gamma = weight.float()
     grad_weight = sum_g_xhat.sum(0).to(weight.dtype)
     grad_bias = sum_g.sum(0).to(weight.dtype)
-    a_g = (gamma * sum_g).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g)
-    b_g = (gamma * sum_g_xhat).view(b, groups, per_group).sum(-1) / count  # mean_group(gamma * g * xhat)
-    b_c = b_g.repeat_interleave(per_group, dim=1)
-    a_c = a_g.repeat_interleave(per_group, dim=1)
-    coef_g = rstd_c * gamma
-    coef_centred = -rstd_c * rstd_c * b_c
-    const = -rstd_c * a_c + coef_centred * shift
-    dtype = grad_t.dtype
-    grad_x = torch.addcmul(const.to(dtype).view(shape), grad_t, coef_g.to(dtype).view(shape), out=product)
-    grad_x.addcmul_(centred, coef_centred.to(dtype).view(shape))
-    return grad_x.to(x.dtype), grad_weight, grad_bias
+    a_c = _per_channel((gamma * sum_g).view(b, groups, per_group).sum(-1) / count, c)  # mean_group(gamma * g)
+    b_c = _per_channel((gamma * sum_g_xhat).view(b, groups, per_group).sum(-1) / count, c)  # mean_group(gamma g xhat)
+    coef_g = (rstd_c * gamma).to(dtype).view(shape)
+    coef_centred = (-rstd_c * rstd_c * b_c).to(dtype).view(shape)
+    const = (-rstd_c * a_c + -rstd_c * rstd_c * b_c * shift).to(dtype).view(shape)
+    for depth in slabs:
+        g, xs, tmp = grad[:, :, depth], x[:, :, depth], work[:, :, : depth.stop - depth.start]
+        torch.addcmul(const, g, coef_g, out=g)
+        g.addcmul_(torch.sub(xs, mean_rounded.view(shape), out=tmp), coef_centred)
+    return grad.to(x.dtype), grad_weight, grad_bias
 
 
 def norm_silu_conv(x: torch.Tensor, norm: GroupNormSiLU, conv: nn.Conv3d, float32: bool = False) -> torch.Tensor:
