@@ -10,8 +10,11 @@ options are made by replacing one function or method of medvae in the worker pro
   no_recompute         recompute_norm=False: plain GroupNorm -> SiLU -> Conv3d autograd (keeps 3 tensors)
   checkpoint_norm      the previous design: GroupNorm+SiLU under torch.utils.checkpoint, conv separate
   native_gn_backward   fused node, but PyTorch's native (channels-last) GroupNorm backward kernel
+  full_size_backward   fused node, but its SiLU/GroupNorm backward in one piece, not in depth slabs
   interpolate_upsample nearest x2 with F.interpolate, then the 3x3x3 conv on the fine grid
   contiguous           channels_last=False (default memory format)
+  torch_conv_dispatch  F.conv3d's own kernel choice (+ a layout copy) instead of calling oneDNN directly
+  conv_skip            the 1x1 skip projection as nn.Conv3d instead of a matrix product
   out_of_place_add     residual add as h + skip(x) instead of in place
   autocast_heads       moments and output convs in the autocast dtype instead of float32
   block_checkpoint     gradient_checkpointing=True (recompute whole residual blocks)
@@ -40,8 +43,11 @@ VARIANTS = (
     "no_recompute",
     "checkpoint_norm",
     "native_gn_backward",
+    "full_size_backward",
     "interpolate_upsample",
     "contiguous",
+    "torch_conv_dispatch",
+    "conv_skip",
     "out_of_place_add",
     "autocast_heads",
     "block_checkpoint",
@@ -71,27 +77,35 @@ def apply_variant(variant: str) -> None:
                 h = norm(x)
             if float32:
                 with torch.autocast(device_type=x.device.type, enabled=False):
-                    return conv(h.float())
-            return conv(h)
+                    return blocks.conv3d(h.float(), conv)
+            return blocks.conv3d(h, conv)
 
         blocks.norm_silu_conv = vae.norm_silu_conv = checkpointed
     elif variant == "native_gn_backward":
 
-        def native(grad_t, x, mean, rstd, weight, groups, spare):
+        def native(grad, x, mean, rstd, weight, bias, groups):
             b, c = x.shape[:2]
-            return torch.ops.aten.native_group_norm_backward(
-                grad_t.to(x.dtype), x, mean, rstd, weight, b, c, x[0, 0].numel(), groups, [True, True, True]
-            )
+            t = blocks._group_norm_from_stats(x, mean, rstd, weight, bias, out=torch.empty_like(grad))
+            g = torch.ops.aten.silu_backward(grad, t).to(x.dtype)
+            return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, b, c, x[0, 0].numel(), groups, [True] * 3)
 
-        blocks._group_norm_backward = native
+        blocks._silu_group_norm_backward = native
+    elif variant == "full_size_backward":
+        blocks._slabs = lambda x: [slice(0, x.shape[2])]
+    elif variant == "torch_conv_dispatch":
+        blocks._conv = lambda x, w, b, stride, padding: F.conv3d(x, w, b, stride, padding).contiguous(
+            memory_format=blocks._suggested_format(x)
+        )
+    elif variant == "conv_skip":
+        blocks.pointwise_conv = lambda x, conv: blocks.conv3d(x, conv)
     elif variant == "interpolate_upsample":
-        blocks.Upsample.forward = lambda self, x: self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        blocks.Upsample.forward = lambda self, x: blocks.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
     elif variant == "out_of_place_add":
 
         def forward(self, x):
             h = blocks.norm_silu_conv(x, self.norm1, self.conv1)
             h = blocks.norm_silu_conv(h, self.norm2, self.conv2)
-            return h + self.skip(x)
+            return h + (blocks.pointwise_conv(x, self.skip) if isinstance(self.skip, torch.nn.Conv3d) else x)
 
         blocks.ResBlock.forward = forward
     elif variant == "autocast_heads":
@@ -100,9 +114,9 @@ def apply_variant(variant: str) -> None:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
-def spawn(variant: str, size: int, mode: str, repeats: int, warmup: int) -> dict:
+def spawn(variant: str, size: int, mode: str, repeats: int, warmup: int, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(size), mode,
-           "--repeats", str(repeats), "--warmup", str(warmup)]
+           "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {variant} {size} {mode} failed:\n{proc.stderr[-3000:]}")
@@ -118,11 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "ablate_blocks.json")
     args = parser.parse_args(argv)
 
     if args.worker:
         variant, size, mode = args.worker
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         apply_variant(variant)
         model = "monai" if variant == "monai" else "medvae"
         result = compare_monai.run_worker(model, "train", int(size), mode, args.repeats, args.warmup, **OPTIONS.get(variant, {}))
@@ -135,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[dict]] = {v: [] for v in args.variants}
         for r in range(args.rounds):
             for variant in args.variants if r % 2 == 0 else reversed(args.variants):
-                runs[variant].append(spawn(variant, args.size, mode, args.repeats, args.warmup))
+                runs[variant].append(spawn(variant, args.size, mode, args.repeats, args.warmup, args.threads))
                 print(f"  {mode} round {r} {variant}: {[round(t, 2) for t in runs[variant][-1]['times']]}", flush=True)
         reference = statistics.median(t for run in runs["medvae"] for t in run["times"])
         for variant in args.variants:

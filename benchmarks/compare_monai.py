@@ -164,10 +164,10 @@ def run_worker(model_name: str, task: str, size: int, mode: str, repeats: int, w
     return dict(times=times, cpu=cpu, peak_mb=peak_mb, baseline_mb=baseline_mb, finite=finite, threads=torch.get_num_threads())
 
 
-def spawn_worker(model_name: str, task: str, size: int, mode: str, repeats: int, warmup: int, extra: list[str] | None = None) -> dict:
+def spawn_worker(model_name: str, task: str, size: int, mode: str, repeats: int, warmup: int, threads: int = 0) -> dict:
     """Run one measurement in a fresh Python process and return its result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", model_name, task, str(size), mode,
-           "--repeats", str(repeats), "--warmup", str(warmup), *(extra or [])]
+           "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {model_name} {task} {size} {mode} failed:\n{proc.stderr[-3000:]}")
@@ -266,12 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="A B pairs of fresh processes per configuration")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per process (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per process")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "compare_monai.json")
     parser.add_argument("--skip-init-facts", action="store_true", help="skip parameter counts and initial KL")
     args = parser.parse_args(argv)
 
     if args.worker:
         name, task, size, mode = args.worker
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(run_worker(name, task, int(size), mode, args.repeats, args.warmup)))
         return
 
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python benchmarks/compare_monai.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "architecture": ARCHITECTURE,
         "cpu_count": os.cpu_count(),
+        "threads": args.threads or "default",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rows": [],
     }
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[dict]] = {name: [] for name in MODELS}
         for _ in range(args.rounds):
             for name in MODELS:  # A B A B
-                runs[name].append(spawn_worker(name, task, size, mode, args.repeats, args.warmup))
+                runs[name].append(spawn_worker(name, task, size, mode, args.repeats, args.warmup, args.threads))
         row = summarise(task, size, mode, runs)
         payload["rows"].append(row)
         print(f"{task:6s} {size:4d}³ {mode}: medvae {row['medvae']['median_s']:.3f} s, MONAI {row['monai']['median_s']:.3f} s "

@@ -17,9 +17,9 @@ python3 -c "import torch, monai, accelerate; print('torch', torch.__version__, '
 section() { local name=$1 limit=$2; shift 2; echo "=== $name"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$? seconds=$((SECONDS - t0))" | tee -a "$OUT/$name.log"
   grep -E '^\||^wrote|Error|error' "$OUT/$name.log" | grep -v Warning | tail -60; }
-section gpu_speed "${SPEED_LIMIT:-150}" python3 benchmarks/gpu_speed.py --sizes 64 96 128 --repeats 6 --json "$OUT/gpu_speed.json"
-section torture "${TORTURE_LIMIT:-200}" python3 benchmarks/torture.py --seeds 2 --steps 30 --json "$OUT/torture.json"
-section convergence "${CONVERGENCE_LIMIT:-170}" python3 benchmarks/convergence.py --steps 400 --eval-every 50 --json "$OUT/convergence.json"
+section gpu_speed "${SPEED_LIMIT:-150}" python3 benchmarks/gpu_speed.py --sizes ${SPEED_SIZES:-64 96 128} --repeats 5 --rounds 1 --json "$OUT/gpu_speed.json"
+section torture "${TORTURE_LIMIT:-200}" python3 benchmarks/torture.py --seeds ${TORTURE_SEEDS:-2} --steps ${TORTURE_STEPS:-30} --precisions ${TORTURE_PRECISIONS:-fp16 bf16 fp32} --json "$OUT/torture.json"
+section convergence "${CONVERGENCE_LIMIT:-170}" python3 benchmarks/convergence.py --steps ${CONVERGENCE_STEPS:-400} --eval-every 50 --peer-lrs 1e-4 1e-3 --medvae-lrs 1e-3 3e-3 --json "$OUT/convergence.json"
 if [ -f benchmarks/inference_cuda.py ]; then
   section inference_cuda "${INFERENCE_LIMIT:-60}" python3 benchmarks/inference_cuda.py --json "$OUT/inference_cuda.json"
 fi

@@ -10,6 +10,9 @@ latent_channels=3, norm_num_groups=32), every parameter perturbed (weights by 0.
 
 - ``bounded``: medvae.inference.encode_volume / decode_volume with the size's budget (--budgets).
 - ``one_pass``: model.encode / model.decode; skipped where its estimate exceeds --one-pass-limit-gib.
+- ``one_pass_contiguous``: model.encode / model.decode of the same weights in the contiguous memory
+  format (channels_last=False): PyTorch's channels-last CPU GroupNorm kernel loses precision on
+  large groups, the contiguous one does not.
 - ``one_pass_float64``: the model in float64, encode only (at --float64-sizes): the exact reference.
   (PyTorch runs float64 conv3d as im2col + GEMM: 17 GiB peak for the 128^3 encoder.)
 - ``sliding_window``: monai.inferers.sliding_window_inference, roi 96^3 voxels (24^3 latent), overlap
@@ -56,11 +59,11 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def build_model():
+def build_model(channels_last: bool = True):
     from medvae.models import VAE3D
 
     torch.manual_seed(0)
-    model = VAE3D(**ARCH).eval()
+    model = VAE3D(**ARCH, channels_last=channels_last).eval()
     with torch.no_grad():
         for p in model.parameters():
             scale = 0.5 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.05
@@ -90,7 +93,7 @@ def worker(config: dict) -> dict:
     from medvae.inference.volume import _geometry
 
     size, method, part, budget = config["size"], config["method"], config["part"], config["budget"]
-    model = build_model()
+    model = build_model(channels_last=method != "one_pass_contiguous")
     f = model.downsampling_factor
     if part == "encode":
         data = make_volume(size)
@@ -117,7 +120,7 @@ def worker(config: dict) -> dict:
     with torch.no_grad():
         if method == "bounded":
             out = encode_volume(model, data, memory_budget=budget).mean if part == "encode" else decode_volume(model, data, memory_budget=budget)
-        elif method in ("one_pass", "one_pass_float64"):
+        elif method in ("one_pass", "one_pass_contiguous", "one_pass_float64"):
             out = model.encode(data).mean if part == "encode" else model.decode(data)
         else:
             roi = ROI if part == "encode" else ROI // f
@@ -129,12 +132,16 @@ def worker(config: dict) -> dict:
     if part == "encode" or size <= 256:
         CACHE.mkdir(parents=True, exist_ok=True)
         torch.save(out.contiguous(), _cache(part, method, size))
-        if method == "bounded" and part == "encode":  # the latent every decoder decodes
-            torch.save(out.float().contiguous(), _cache("latent", "bounded", size))
+        if method == "bounded" and part == "encode" and not _cache("latent", "bounded", size).exists():
+            torch.save(out.float().contiguous(), _cache("latent", "bounded", size))  # what every decoder decodes
     return result
 
 
-def _run_worker(config: dict, timeout: float) -> dict:
+def _run_worker(config: dict, timeout: float, resume: bool) -> dict:
+    """Measure one configuration in a fresh process (or reuse its saved result with ``resume``)."""
+    saved = CACHE / f"{config['part']}_{config['method']}_{config['size']}.json"
+    if resume and saved.exists() and json.loads(saved.read_text()).get("budget") == config["budget"]:
+        return json.loads(saved.read_text())
     cmd = [sys.executable, __file__, "--worker", json.dumps(config)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -142,14 +149,24 @@ def _run_worker(config: dict, timeout: float) -> dict:
         return dict(config, error=f"timed out after {timeout:.0f} s")
     if done.returncode != 0:
         return dict(config, error=done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    CACHE.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(result))
+    return result
+
+
+REFERENCES = (
+    ("one_pass", "max_abs_diff_vs_one_pass"),
+    ("one_pass_contiguous", "max_abs_diff_vs_contiguous"),
+    ("one_pass_float64", "max_abs_diff_vs_float64"),
+)
 
 
 def _differences(results: list[dict]) -> None:
     """Max abs difference of each output against the one-pass outputs of the same size and part."""
     for r in results:
         mine = _cache(r["part"], r["method"], r["size"])
-        for reference, key in (("one_pass", "max_abs_diff_vs_one_pass"), ("one_pass_float64", "max_abs_diff_vs_float64")):
+        for reference, key in REFERENCES:
             ref = _cache(r["part"], reference, r["size"])
             if "error" not in r and "skipped" not in r and ref.exists() and mine.exists() and r["method"] != reference:
                 r[key] = (torch.load(mine).double() - torch.load(ref).double()).abs().max().item()
@@ -157,19 +174,20 @@ def _differences(results: list[dict]) -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass (fp32) | vs fp64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass | vs contiguous one pass | vs float64 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gib = lambda key: f"{r[key] / GIB:.2f}" if r.get(key) is not None else "-"  # noqa: E731
         diff = lambda key: f"{r[key]:.1e}" if r.get(key) is not None else "-"  # noqa: E731
         if "error" in r or "skipped" in r:
             note = r.get("error") or r["skipped"]
-            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {note} | |")
+            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {note} | | |")
             continue
         lines.append(
             f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | "
-            f"{gib('peak_bytes')} | {r['seconds']:.1f} | {diff('max_abs_diff_vs_one_pass')} | {diff('max_abs_diff_vs_float64')} |"
+            f"{gib('peak_bytes')} | {r['seconds']:.1f} | {diff('max_abs_diff_vs_one_pass')} | "
+            f"{diff('max_abs_diff_vs_contiguous')} | {diff('max_abs_diff_vs_float64')} |"
         )
     return "\n".join(lines)
 
@@ -177,7 +195,9 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
-    parser.add_argument("--methods", nargs="+", default=["bounded", "one_pass", "sliding_window"])
+    parser.add_argument("--methods", nargs="+", default=["bounded", "one_pass", "one_pass_contiguous", "sliding_window"])
+    parser.add_argument("--resume", action="store_true", help="reuse results saved by an earlier run")
+    parser.add_argument("--skip", nargs="*", default=[], help="SIZE:METHOD configurations not to run (too slow here)")
     parser.add_argument("--parts", nargs="+", default=["encode", "decode"])
     parser.add_argument("--budgets", nargs="+", default=["128:0.5", "256:2", "512:8"], help="SIZE:GIB budgets of the bounded path")
     parser.add_argument("--one-pass-limit-gib", type=float, default=14.0, help="skip one pass above this estimate")
@@ -205,14 +225,17 @@ def main() -> None:
             one_pass = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
             for method in methods:
                 config = dict(size=size, part=part, method=method, budget=int(budgets[size] * GIB) if method == "bounded" else None)
-                if method == "one_pass_float64" and part == "decode":
+                if f"{size}:{method}" in args.skip:
+                    results.append(dict(config, skipped="skipped (--skip): too slow on this machine"))
+                elif method == "one_pass_float64" and part == "decode":
                     # float64 convolutions run as im2col + GEMM: the full-resolution 64-channel
                     # column buffer of the decoder alone is ~29 GiB at 128^3.
                     results.append(dict(config, skipped="skipped: float64 im2col needs ~29 GiB"))
-                elif method.startswith("one_pass") and one_pass > args.one_pass_limit_gib * GIB:
+                elif method.startswith("one_pass") and one_pass * (1.3 if method.endswith("contiguous") else 1) > args.one_pass_limit_gib * GIB:
+                    # (the contiguous layout adds oneDNN's reordered copies: leave a margin)
                     results.append(dict(config, estimate_bytes=one_pass, skipped=f"skipped: estimate {one_pass / GIB:.1f} GiB"))
                 else:
-                    results.append(_run_worker(config, args.timeout))
+                    results.append(_run_worker(config, args.timeout, args.resume))
                 print(json.dumps(results[-1]), flush=True)
     _differences(results)
     text = table(results)

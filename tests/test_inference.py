@@ -21,6 +21,7 @@ from medvae.inference import (
     plan_encode,
 )
 from medvae.inference.planner import plan_volume
+from medvae.inference.statistics import GroupStatistics
 from medvae.inference.streaming import run_plan
 from medvae.inference.volume import _geometry
 
@@ -185,6 +186,20 @@ def test_large_budget_takes_the_one_pass_path():
     assert plan_encode(model, SHAPE, 2**30).one_pass
     with torch.no_grad():
         assert torch.equal(encode_volume(model, volume(), memory_budget=2**30).mean, model.encode(volume()).mean)
+
+
+def test_group_statistics_of_uneven_tiles_match_float64_with_a_large_offset():
+    torch.manual_seed(4)
+    x = 0.01 * torch.randn(2, 8, 10, 12, 14) + 100.0  # std / mean = 1e-4: a plain sum of squares cancels
+    stats = GroupStatistics(num_groups=4, eps=1e-6)
+    for d0, d1 in [(0, 3), (3, 4), (4, 10)]:
+        for h0, h1 in [(0, 7), (7, 12)]:
+            stats.add(x[:, :, d0:d1, h0:h1].contiguous(memory_format=torch.channels_last_3d))
+    mean, rstd = stats.result()
+    grouped = x.double().reshape(2, 4, -1)
+    assert torch.allclose(mean.double(), grouped.mean(-1), rtol=0, atol=1e-5)
+    expected_rstd = torch.rsqrt(grouped.var(-1, correction=0) + 1e-6)
+    assert torch.allclose(rstd.double(), expected_rstd, rtol=1e-3, atol=0)
 
 
 def test_pad_to_multiple_pads_the_far_end_by_edge_replication():

@@ -139,17 +139,18 @@ class NormStep:
         return 40.0 * self.in_channels  # memory-bound elementwise work, in conv-flop equivalents
 
     def forward(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-        """Normalise with whole-volume statistics ``mean``, ``rstd`` of shape (B, groups), float32."""
+        """Normalise with whole-volume statistics ``mean``, ``rstd`` of shape (B, groups) (float32,
+        float64 for a float64 model); the result has x's dtype."""
         b, c = x.shape[:2]
         per_group = c // self.norm.num_groups
         mean_c = mean.repeat_interleave(per_group, dim=1).view(b, c, 1, 1, 1)
         scale_c = rstd.repeat_interleave(per_group, dim=1)
         if self.norm.affine:
-            scale_c = scale_c * self.norm.weight.float()
-        y = torch.sub(x.float(), mean_c)  # float32 like the model's group norm, whatever x's dtype
+            scale_c = scale_c * self.norm.weight
+        y = torch.sub(x.to(_at_least_float32(x.dtype)), mean_c)  # float32 like the model's group norm
         y.mul_(scale_c.view(b, c, 1, 1, 1))
         if self.norm.affine:
-            y.add_(self.norm.bias.float().view(1, c, 1, 1, 1))
+            y.add_(self.norm.bias.view(1, c, 1, 1, 1))
         if self.silu:
             F.silu(y, inplace=True)
         return y.to(x.dtype)
@@ -182,6 +183,11 @@ Step = ConvStep | NormStep | WholeStep
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types, else ``dtype`` (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _convolve(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, *,
     transposed: bool = False, float32: bool = False, onednn: bool = False,
@@ -189,13 +195,14 @@ def _convolve(
     """A convolution of an already zero-padded tile (padding 0; a transposed one with padding 1),
     in the autocast dtype if autocast is on, else in float32 when ``float32``, else in x's dtype.
 
+    ``float32`` means float32 or wider: a float64 model stays float64 throughout.
     ``onednn`` (channels-last models on the CPU): float32/bf16 convolutions go straight to oneDNN;
     PyTorch would send small or 1-channel float32 tiles to an im2col kernel that is slower,
     allocates a column buffer of C_in x 27 x the output and returns contiguous output.
     """
     device = x.device.type
     if float32:
-        dtype = torch.float32
+        dtype = _at_least_float32(x.dtype)
     else:
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device_type=device, enabled=False):

@@ -2,16 +2,21 @@
 
 All tensors are (B, C, D, H, W). Pure torch.nn: no files, no configs.
 
-Two things make these blocks faster and leaner than a plain GroupNorm -> SiLU -> Conv3d stack
-(measured in benchmarks/ablate_blocks.py, numbers in benchmarks/RESULTS.md):
+What makes these blocks faster and leaner than a plain GroupNorm -> SiLU -> Conv3d stack (each
+choice measured in benchmarks/ablate_blocks.py; numbers in benchmarks/RESULTS.md):
 
 - ``norm_silu_conv`` runs GroupNorm, SiLU and the following convolution as one autograd node that
-  keeps only its input (plus per-group mean and 1/std) for backward. The normalised activations
-  are recomputed there with the same kernel, so a residual block stores 2 activation tensors
-  instead of 6 and allocates fewer fresh ones, which on CPU cost page faults.
+  keeps only its input (plus per-group mean and 1/std) for backward: a residual block stores 2
+  activation tensors instead of 6. Its backward recomputes the activation, takes the weight
+  gradient before making the input gradient, and runs the SiLU and GroupNorm backward in place in
+  depth slabs, so it never holds more than one full-size temporary.
+- Channels-last (``channels_last_3d``) end to end: ``_conv`` calls oneDNN directly so that small
+  and single-channel volumes do not fall back to a slower kernel with contiguous output; the 1x1
+  skip projection is a matrix product over the channel axis.
 - ``Upsample`` computes "nearest x2, then 3x3x3 conv" exactly, as a 2x2x2 conv with 8x the output
   channels on the coarse grid whose phases are interleaved (sub-pixel form): 8/27 of the flops, and
   the upsampled tensor is never built. The parameter is still the 3x3x3 kernel.
+- The residual add is in place (the conv output it writes into is saved by nothing).
 """
 
 from __future__ import annotations
@@ -211,8 +216,16 @@ class _NormSiLUConv(torch.autograd.Function):
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
 
 
-def _slabs(n: int, parts: int = 8) -> list[slice]:
-    step = -(-n // min(parts, n))
+# Depth slabs of about this many bytes bound the temporary of the SiLU/GroupNorm backward; smaller
+# tensors go in one piece (every slab is a few more kernel launches, each a thread barrier).
+SLAB_BYTES = 32 * 2**20
+
+
+def _slabs(x: torch.Tensor) -> list[slice]:
+    """Slices along depth that cut ``x`` into pieces of at most about SLAB_BYTES."""
+    n = x.shape[2]
+    parts = min(n, max(1, -(-x.numel() * x.element_size() // SLAB_BYTES)))
+    step = -(-n // parts)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -230,8 +243,8 @@ def _silu_group_norm_backward(
     With g = grad * silu'(t) (t the norm output, recomputed from the saved statistics), GroupNorm's
     dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)) is written
     as A_c * g + B_c * (x - m_c) + C_c with per-(sample, channel) float32 coefficients from two
-    channel sums; m_c is the group mean rounded to g's dtype, so the sums stay well conditioned in
-    bf16. The work runs in depth slabs, in place in ``grad`` (which becomes dx): one slab-sized
+    channel sums; in half precision m_c is the group mean rounded to g's dtype, so the sums stay well
+    conditioned (float32 uses m_c = 0). The work runs in depth slabs, in place in ``grad`` (which becomes dx): one slab-sized
     temporary instead of full-size ones. Plain tensor ops, because PyTorch's channels-last CPU
     kernel is slow for 1-2 channels per group (very slow in bf16).
     """
@@ -242,9 +255,12 @@ def _silu_group_norm_backward(
     shape = (b, c, 1, 1, 1)
     dtype = grad.dtype
     mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)  # (B, C)
-    mean_rounded = mean_c.to(dtype)
+    # float32 sums of g * x are accurate enough uncentred (one kernel fewer per slab); half
+    # precision centres x on its rounded group mean first.
+    centre = dtype != torch.float32
+    mean_rounded = mean_c.to(dtype) if centre else torch.zeros_like(mean_c)
     shift = mean_rounded.float() - mean_c  # x - mean = (x - mean_rounded) + shift
-    slabs = _slabs(x.shape[2])
+    slabs = _slabs(grad)
     work = torch.empty((b, c, slabs[0].stop, *x.shape[3:]), dtype=dtype, device=x.device, memory_format=_suggested_format(grad))
     sum_g = torch.zeros(b, c, device=x.device)
     sum_g_centred = torch.zeros(b, c, device=x.device)
@@ -253,7 +269,8 @@ def _silu_group_norm_backward(
         t = _group_norm_from_stats(xs, mean, rstd, weight, bias, out=tmp)
         torch.ops.aten.silu_backward.grad_input(g, t, grad_input=g)
         sum_g += g.sum(dims).float()
-        sum_g_centred += torch.sub(xs, mean_rounded.view(shape), out=tmp).mul_(g).sum(dims).float()
+        centred = torch.sub(xs, mean_rounded.view(shape), out=tmp) if centre else xs
+        sum_g_centred += torch.mul(centred, g, out=tmp).sum(dims).float()
     sum_g_xhat = rstd_c * (sum_g_centred + shift * sum_g)  # sum over voxels of g * xhat
     gamma = weight.float()
     grad_weight = sum_g_xhat.sum(0).to(weight.dtype)
@@ -266,7 +283,7 @@ def _silu_group_norm_backward(
     for depth in slabs:
         g, xs, tmp = grad[:, :, depth], x[:, :, depth], work[:, :, : depth.stop - depth.start]
         torch.addcmul(const, g, coef_g, out=g)
-        g.addcmul_(torch.sub(xs, mean_rounded.view(shape), out=tmp), coef_centred)
+        g.addcmul_(torch.sub(xs, mean_rounded.view(shape), out=tmp) if centre else xs, coef_centred)
     return grad.to(x.dtype), grad_weight, grad_bias
 
 

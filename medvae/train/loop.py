@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 
+from medvae.atomic import atomic_file
 from medvae.config import Config, to_dict, to_yaml
 from medvae.export import save_model
 from medvae.losses import VAELoss
@@ -105,8 +106,6 @@ def train(config: Config) -> TrainResult:
     run_dir = Path(t.output_dir).resolve()
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        from medvae.atomic import atomic_file
-
         with atomic_file(run_dir / "config.yaml") as tmp:
             tmp.write_text(to_yaml(config))
     accelerator.wait_for_everyone()
@@ -311,7 +310,8 @@ def train(config: Config) -> TrainResult:
                    extra={"step": state["step"], "trained_with": to_dict(config)})
         # The prior `generate --prior fitted` samples: fitted to the training volumes' latent means.
         fit_and_save_prior(final_model, train_set.data, config.data, run_dir / "export")
-        (run_dir / "summary.json").write_text(json.dumps({"step": state["step"], "run_dir": str(run_dir)}, indent=1))
+        with atomic_file(run_dir / "summary.json") as tmp:
+            tmp.write_text(json.dumps({"step": state["step"], "run_dir": str(run_dir)}, indent=1))
     accelerator.wait_for_everyone()
     tracker.finish()
     accelerator.end_training()
