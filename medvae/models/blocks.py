@@ -135,11 +135,11 @@ def _group_norm(x: torch.Tensor, norm: GroupNormSiLU) -> tuple[torch.Tensor, tor
     b, c = x.shape[:2]
     fmt = _suggested_format(x)
     source = x.to(_norm_dtype(x))
+    args = (norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
     if x.device.type != "cpu":  # the CUDA kernel takes contiguous input only
-        t, mean, rstd = torch.native_group_norm(source.contiguous(), norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+        t, mean, rstd = torch.native_group_norm(source.contiguous(), *args)
         return t.contiguous(memory_format=fmt), mean, rstd
-    source = source.contiguous(memory_format=fmt)
-    return torch.native_group_norm(source, norm.weight, norm.bias, b, c, x[0, 0].numel(), norm.num_groups, norm.eps)
+    return torch.native_group_norm(source.contiguous(memory_format=fmt), *args)
 
 
 def _per_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
@@ -197,7 +197,8 @@ class _NormSiLUConv(torch.autograd.Function):
             fmt = _suggested_format(activation)
             grad_y = grad_y.to(conv_dtype).contiguous(memory_format=fmt)
             weight = conv_weight.to(conv_dtype)
-            conv_args = ([conv_weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1)
+            bias_sizes = [conv_weight.shape[0]] if ctx.has_bias else None
+            conv_args = (bias_sizes, list(conv.stride), list(conv.padding), [1, 1, 1], False, [0, 0, 0], 1)
             # Weight gradient first, then drop the activation before the input gradient is made: one
             # full-size temporary at a time. The input gradient reads only the shape of ``input``.
             split = need_norm and x.dtype == conv_dtype and _suggested_format(x) is fmt
@@ -210,7 +211,9 @@ class _NormSiLUConv(torch.autograd.Function):
             del grad_y
             if need_norm:
                 grad_activation = grad_activation.contiguous(memory_format=fmt).to(_norm_dtype(x))
-                grad_x, grad_nw, grad_nb = _silu_group_norm_backward(grad_activation, x, mean, rstd, norm_weight, norm_bias, norm.num_groups)
+                grad_x, grad_nw, grad_nb = _silu_group_norm_backward(
+                    grad_activation, x, mean, rstd, norm_weight, norm_bias, norm.num_groups
+                )
         grad_cw = None if grad_cw is None else grad_cw.to(conv_weight.dtype)
         grad_cb = None if grad_cb is None else grad_cb.to(conv_weight.dtype)
         return grad_x, grad_nw, grad_nb, grad_cw, grad_cb, None, None, None
@@ -222,9 +225,10 @@ SLAB_BYTES = 32 * 2**20
 
 
 def _slabs(x: torch.Tensor) -> list[slice]:
-    """Slices along depth that cut ``x`` into pieces of at most about SLAB_BYTES."""
+    """Slices along depth that cut ``x`` into pieces of at most about SLAB_BYTES (on CPU; on a GPU,
+    where every slab costs kernel launches that dominate at these sizes, one piece)."""
     n = x.shape[2]
-    parts = min(n, max(1, -(-x.numel() * x.element_size() // SLAB_BYTES)))
+    parts = 1 if x.device.type != "cpu" else min(n, max(1, -(-x.numel() * x.element_size() // SLAB_BYTES)))
     step = -(-n // parts)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
@@ -243,10 +247,10 @@ def _silu_group_norm_backward(
     With g = grad * silu'(t) (t the norm output, recomputed from the saved statistics), GroupNorm's
     dx = rstd * (gamma * g - mean_group(gamma * g) - xhat * mean_group(gamma * g * xhat)) is written
     as A_c * g + B_c * (x - m_c) + C_c with per-(sample, channel) float32 coefficients from two
-    channel sums; in half precision m_c is the group mean rounded to g's dtype, so the sums stay well
-    conditioned (float32 uses m_c = 0). The work runs in depth slabs, in place in ``grad`` (which becomes dx): one slab-sized
-    temporary instead of full-size ones. Plain tensor ops, because PyTorch's channels-last CPU
-    kernel is slow for 1-2 channels per group (very slow in bf16).
+    channel sums; in half precision m_c is the group mean rounded to g's dtype, so the sums stay
+    well conditioned (float32 uses m_c = 0). The work runs in depth slabs, in place in ``grad``
+    (which becomes dx): one slab-sized temporary instead of full-size ones. Plain tensor ops,
+    because PyTorch's channels-last CPU kernel is slow for 1-2 channels per group (very slow in bf16).
     """
     b, c = x.shape[:2]
     per_group = c // groups
@@ -391,7 +395,8 @@ class _InterleavePhases(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y8, fmt):
         b, c8, d1, h1, w1 = y8.shape
-        out = torch.empty((b, c8 // 8, 2 * (d1 - 1), 2 * (h1 - 1), 2 * (w1 - 1)), dtype=y8.dtype, device=y8.device, memory_format=fmt)
+        shape = (b, c8 // 8, 2 * (d1 - 1), 2 * (h1 - 1), 2 * (w1 - 1))
+        out = torch.empty(shape, dtype=y8.dtype, device=y8.device, memory_format=fmt)
         out.view(_phase_view(y8).shape).copy_(_phase_view(y8))
         ctx.y8_shape, ctx.fmt = y8.shape, fmt
         return out
