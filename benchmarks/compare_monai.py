@@ -235,17 +235,23 @@ def summarise(task: str, size: int, mode: str, runs: dict[str, list[dict]]) -> d
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| task | size | mode | medvae s | MONAI s | speedup | medvae Mvox/s | MONAI Mvox/s | medvae peak MB | MONAI peak MB | peak ratio | working-set ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | size | mode | medvae s | MONAI s | speedup | medvae CPU s | MONAI CPU s | medvae kvox/s | MONAI kvox/s "
+        "| medvae peak MB | MONAI peak MB | peak ratio | working-set ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         a, b = r["medvae"], r["monai"]
         lines.append(
             f"| {r['task']} | {r['size']}³ | {r['mode']} | {a['median_s']:.3f} | {b['median_s']:.3f} | {r['speedup']:.2f}x "
-            f"| {a['voxels_per_s'] / 1e6:.2f} | {b['voxels_per_s'] / 1e6:.2f} | {a['peak_mb']:.0f} | {b['peak_mb']:.0f} "
-            f"| {r['peak_ratio']:.2f} | {r['working_set_ratio']:.2f} |"
+            f"| {a['cpu_s']:.3f} | {b['cpu_s']:.3f} | {a['voxels_per_s'] / 1e3:.0f} | {b['voxels_per_s'] / 1e3:.0f} "
+            f"| {a['peak_mb']:.0f} | {b['peak_mb']:.0f} | {r['peak_ratio']:.2f} | {r['working_set_ratio']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def render(path: Path) -> None:
+    """Print the Markdown table of a saved JSON result."""
+    print(markdown_table(json.loads(Path(path).read_text())["rows"]))
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -269,7 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "compare_monai.json")
     parser.add_argument("--skip-init-facts", action="store_true", help="skip parameter counts and initial KL")
+    parser.add_argument("--render", type=Path, metavar="JSON", help="only print the table of a saved result")
     args = parser.parse_args(argv)
+
+    if args.render:
+        render(args.render)
+        return
 
     if args.worker:
         name, task, size, mode = args.worker

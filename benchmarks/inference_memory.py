@@ -90,7 +90,7 @@ def worker(config: dict) -> dict:
     from monai.inferers import sliding_window_inference
 
     from medvae.inference import decode_volume, encode_volume, estimate_one_pass_bytes, plan_decode, plan_encode
-    from medvae.inference.volume import _geometry
+    from medvae.inference import model_geometry
 
     size, method, part, budget = config["size"], config["method"], config["part"], config["budget"]
     model = build_model(channels_last=method != "one_pass_contiguous")
@@ -113,7 +113,7 @@ def worker(config: dict) -> dict:
         result["passes"] = len(plan.passes)
         result["one_pass_chosen"] = plan.one_pass
     elif method == "one_pass":
-        result["estimate_bytes"] = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
+        result["estimate_bytes"] = estimate_one_pass_bytes(model_geometry(model, "encoder" if part == "encode" else "decoder", shape))
     baseline = _status("VmRSS")
     _reset_peak()
     start = time.perf_counter()
@@ -212,7 +212,7 @@ def main() -> None:
 
     from medvae.atomic import atomic_file
     from medvae.inference import estimate_one_pass_bytes
-    from medvae.inference.volume import _geometry
+    from medvae.inference import model_geometry
 
     model = build_model()
     f = model.downsampling_factor
@@ -222,7 +222,7 @@ def main() -> None:
         methods = args.methods + (["one_pass_float64"] if size in args.float64_sizes else [])
         for part in args.parts:
             shape = (1, 1, size, size, size) if part == "encode" else (1, ARCH["latent_channels"]) + (size // f,) * 3
-            one_pass = estimate_one_pass_bytes(_geometry(model, "encoder" if part == "encode" else "decoder", shape))
+            one_pass = estimate_one_pass_bytes(model_geometry(model, "encoder" if part == "encode" else "decoder", shape))
             for method in methods:
                 config = dict(size=size, part=part, method=method, budget=int(budgets[size] * GIB) if method == "bounded" else None)
                 if f"{size}:{method}" in args.skip:

@@ -16,6 +16,7 @@ from medvae.inference import (
     encode_volume,
     estimate_one_pass_bytes,
     minimum_bytes,
+    model_geometry,
     pad_to_multiple,
     plan_decode,
     plan_encode,
@@ -23,7 +24,6 @@ from medvae.inference import (
 from medvae.inference.planner import plan_volume
 from medvae.inference.statistics import GroupStatistics
 from medvae.inference.streaming import run_plan
-from medvae.inference.volume import _geometry
 
 SHAPE = (1, 1, 24, 40, 32)  # not a multiple of any tile the planner picks below
 FACTORS = [([8, 16], 2), ([8, 16, 16], 4), ([8, 16, 16, 16], 8)]
@@ -50,7 +50,7 @@ def perturbed_model(channels, attention=False, **kwargs):
 
 def budget_between(model, part, shape, fraction=0.3):
     """A budget well under the one-pass estimate (forcing tiles) but above the minimum."""
-    geometry = _geometry(model, part, shape)
+    geometry = model_geometry(model, part, shape)
     low, high = minimum_bytes(geometry), estimate_one_pass_bytes(geometry)
     return int(low + fraction * max(high - low, 0))
 
@@ -58,7 +58,7 @@ def budget_between(model, part, shape, fraction=0.3):
 def bounded(model, part, data, budget):
     """(plan, result) of the memory-bounded path. Where the one-pass estimate fits the budget anyway
     (whole-tensor attention dominates both, factor 2), force the tiled plan through the same engine."""
-    geometry = _geometry(model, part, tuple(data.shape))
+    geometry = model_geometry(model, part, tuple(data.shape))
     plan = plan_volume(geometry, budget)
     if not plan.one_pass:
         run = encode_volume if part == "encoder" else decode_volume
@@ -107,7 +107,7 @@ def test_bounded_decode_equals_one_pass(channels, factor, attention):
 def test_smallest_budget_streams_everything_and_stays_exact():
     model = perturbed_model([8, 16])
     x = volume()
-    budget = minimum_bytes(_geometry(model, "encoder", SHAPE))
+    budget = minimum_bytes(model_geometry(model, "encoder", SHAPE))
     posterior = encode_volume(model, x, memory_budget=budget)
     with torch.no_grad():
         reference = model.encode(x)
@@ -166,7 +166,7 @@ def test_autocast_is_honoured():
 
 def test_budget_too_small_raises_with_the_minimum():
     model = perturbed_model([8, 16, 16])
-    minimum = minimum_bytes(_geometry(model, "encoder", SHAPE))
+    minimum = minimum_bytes(model_geometry(model, "encoder", SHAPE))
     with pytest.raises(ValueError, match=rf"encode_volume: .* too small .* needs about {minimum} bytes"):
         encode_volume(model, volume(), memory_budget=minimum - 1)
     with pytest.raises(ValueError, match="memory_budget must be a positive"):
@@ -223,7 +223,7 @@ def test_measured_peak_stays_under_the_budget():
         import json, torch
         from medvae import VAE3D
         from medvae.inference import decode_volume, encode_volume, estimate_one_pass_bytes, minimum_bytes
-        from medvae.inference.volume import _geometry
+        from medvae.inference import model_geometry
 
         def status(field):
             for line in open("/proc/self/status"):
@@ -239,7 +239,7 @@ def test_measured_peak_stays_under_the_budget():
             model.encode(x[..., :8, :8, :8]); model.decode(z[..., :4, :4, :4])
         result = {}
         for part, data, run in [("encoder", x, encode_volume), ("decoder", z, decode_volume)]:
-            geometry = _geometry(model, part, tuple(data.shape))
+            geometry = model_geometry(model, part, tuple(data.shape))
             low, high = minimum_bytes(geometry), estimate_one_pass_bytes(geometry)
             budget = int(low + 0.3 * (high - low))
             base = status("VmRSS")

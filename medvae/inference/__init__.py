@@ -12,6 +12,7 @@ from medvae.inference.volume import (
     decode_volume,
     encode_latent,
     encode_volume,
+    model_geometry,
     plan_decode,
     plan_encode,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "encode_volume",
     "estimate_one_pass_bytes",
     "minimum_bytes",
+    "model_geometry",
     "pad_to_multiple",
     "plan_decode",
     "plan_encode",

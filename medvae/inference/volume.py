@@ -43,8 +43,10 @@ def _memory_format(model: VAE3D) -> torch.memory_format:
     return torch.channels_last_3d if getattr(model.arch, "channels_last", False) else torch.contiguous_format
 
 
-def _geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None) -> Geometry:
-    """Steps and tensor shapes of ``model.encoder`` or ``model.decoder`` for input shape (B, C, D, H, W)."""
+def model_geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None) -> Geometry:
+    """Steps, tensor shapes and channels of ``model.encoder`` (``part="encoder"``) or ``model.decoder``
+    for an input of ``shape`` (B, C, D, H, W); the argument of ``estimate_one_pass_bytes`` and
+    ``minimum_bytes``. ``device`` (default: the model's) picks the memory model."""
     net = getattr(model, part)
     channels_last = _memory_format(model) == torch.channels_last_3d
     steps = network_steps(net, shape[1], channels_last)
@@ -90,13 +92,13 @@ def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None 
     ``plan.peak_bytes`` is the estimated peak of extra memory (intermediate tensors, tiles and
     the returned moments; not the input or the weights).
     """
-    geometry = _geometry(model, "encoder", tuple(shape))
+    geometry = model_geometry(model, "encoder", tuple(shape))
     return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
 def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None) -> Plan:
     """The plan ``decode_volume`` would use for a latent of ``shape`` (B, latent_channels, d, h, w)."""
-    geometry = _geometry(model, "decoder", tuple(shape))
+    geometry = model_geometry(model, "decoder", tuple(shape))
     return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
@@ -116,7 +118,7 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
         ValueError: a bad shape, or a budget below the smallest possible plan (the message names it).
     """
     _check_volume(x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
-    geometry = _geometry(model, "encoder", tuple(x.shape), x.device)
+    geometry = model_geometry(model, "encoder", tuple(x.shape), x.device)
     plan = plan_volume(geometry, _budget(memory_budget, x.device), what="encode_volume")
     with _inference(model):
         if plan.one_pass:
@@ -141,7 +143,7 @@ def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = 
     Same budget semantics and guarantees as ``encode_volume``; equal to ``model.decode(z)``.
     """
     _check_volume(z, model.arch.latent_channels, "decode_volume", 1)
-    geometry = _geometry(model, "decoder", tuple(z.shape), z.device)
+    geometry = model_geometry(model, "decoder", tuple(z.shape), z.device)
     plan = plan_volume(geometry, _budget(memory_budget, z.device), what="decode_volume")
     with _inference(model):
         if plan.one_pass:
