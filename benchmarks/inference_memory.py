@@ -1,12 +1,14 @@
 """Peak memory and time of whole-volume encode and decode on CPU: memory-bounded vs one pass vs MONAI.
 
-    python benchmarks/inference_memory.py                  # 128^3, 256^3, 512^3 (about an hour)
-    python benchmarks/inference_memory.py --sizes 128 --budgets 128:0.25
+    python benchmarks/inference_memory.py --skip 512:sliding_window   # 128^3-512^3, ~1.5 h on 2 cores
+    python benchmarks/inference_memory.py --sizes 128 --budgets 128:0.25   # ~5 min
+    python benchmarks/inference_memory.py --resume ...   # reuse rows saved by an earlier run
 
 Model: the comparison architecture, VAE3D(channels=(32, 64, 64), num_res_blocks=1,
 latent_channels=3, norm_num_groups=32), every parameter perturbed (weights by 0.5 / sqrt(fan-in)
-* randn, vectors by 0.05 * randn) so the zero-initialised convolutions take part. Input: the MNI152 T1 template (nilearn, 1 mm), scaled to
-[-1, 1] and resized (trilinear) to size^3. Methods, each part (encode, decode) in a fresh process:
+* randn, vectors by 0.05 * randn) so the zero-initialised convolutions take part. Input: the MNI152
+T1 template (nilearn, 1 mm), scaled to [-1, 1] and resized (trilinear) to size^3. Methods, each part
+(encode, decode) in a fresh process:
 
 - ``bounded``: medvae.inference.encode_volume / decode_volume with the size's budget (--budgets).
 - ``one_pass``: model.encode / model.decode; skipped where its estimate exceeds --one-pass-limit-gib.
@@ -21,7 +23,7 @@ latent_channels=3, norm_num_groups=32), every parameter perturbed (weights by 0.
 Peak memory is the process's peak resident set (VmHWM, reset just before the call) minus its
 resident set before the call (model, input and libraries loaded, one small warm-up run done).
 Decoders all decode the latent of the bounded encoder. Max abs differences are against the float32
-one pass and, where run, the float64 one pass.
+one pass, the contiguous-layout one pass and, where run, the float64 one pass.
 Writes benchmarks/out/inference_memory.json and prints a markdown table.
 """
 
@@ -60,14 +62,19 @@ def _reset_peak() -> None:
 
 
 def build_model(channels_last: bool = True):
+    """The perturbed comparison model; the same weights in either memory format."""
     from medvae.models import VAE3D
 
     torch.manual_seed(0)
-    model = VAE3D(**ARCH, channels_last=channels_last).eval()
+    model = VAE3D(**ARCH).eval()
     with torch.no_grad():
         for p in model.parameters():
             scale = 0.5 / math.sqrt(p[0].numel()) if p.ndim > 1 else 0.05
             p.add_(scale * torch.randn_like(p))
+    if not channels_last:  # (randn_like fills in memory order: copy the values, not the seed)
+        contiguous = VAE3D(**ARCH, channels_last=False).eval()
+        contiguous.load_state_dict(model.state_dict())
+        model = contiguous
     return model
 
 
@@ -113,13 +120,17 @@ def worker(config: dict) -> dict:
         result["passes"] = len(plan.passes)
         result["one_pass_chosen"] = plan.one_pass
     elif method == "one_pass":
-        result["estimate_bytes"] = estimate_one_pass_bytes(model_geometry(model, "encoder" if part == "encode" else "decoder", shape))
+        geometry = model_geometry(model, "encoder" if part == "encode" else "decoder", shape)
+        result["estimate_bytes"] = estimate_one_pass_bytes(geometry)
     baseline = _status("VmRSS")
     _reset_peak()
     start = time.perf_counter()
     with torch.no_grad():
         if method == "bounded":
-            out = encode_volume(model, data, memory_budget=budget).mean if part == "encode" else decode_volume(model, data, memory_budget=budget)
+            if part == "encode":
+                out = encode_volume(model, data, memory_budget=budget).mean
+            else:
+                out = decode_volume(model, data, memory_budget=budget)
         elif method in ("one_pass", "one_pass_contiguous", "one_pass_float64"):
             out = model.encode(data).mean if part == "encode" else model.decode(data)
         else:
@@ -174,7 +185,8 @@ def _differences(results: list[dict]) -> None:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s | max abs diff vs one pass | vs contiguous one pass | vs float64 |",
+        "| size | part | method | budget GiB | estimate GiB | peak GiB | time s "
+        "| max abs diff vs one pass | vs contiguous one pass | vs float64 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -182,7 +194,9 @@ def table(results: list[dict]) -> str:
         diff = lambda key: f"{r[key]:.1e}" if r.get(key) is not None else "-"  # noqa: E731
         if "error" in r or "skipped" in r:
             note = r.get("error") or r["skipped"]
-            lines.append(f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {note} | | |")
+            lines.append(
+                f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | - | - | {note} | | |"
+            )
             continue
         lines.append(
             f"| {r['size']}^3 | {r['part']} | {r['method']} | {gib('budget')} | {gib('estimate_bytes')} | "
@@ -199,7 +213,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="reuse results saved by an earlier run")
     parser.add_argument("--skip", nargs="*", default=[], help="SIZE:METHOD configurations not to run (too slow here)")
     parser.add_argument("--parts", nargs="+", default=["encode", "decode"])
-    parser.add_argument("--budgets", nargs="+", default=["128:0.5", "256:2", "512:8"], help="SIZE:GIB budgets of the bounded path")
+    parser.add_argument(
+        "--budgets", nargs="+", default=["128:0.5", "256:2", "512:8"], help="SIZE:GIB budgets of the bounded path"
+    )
     parser.add_argument("--one-pass-limit-gib", type=float, default=14.0, help="skip one pass above this estimate")
     parser.add_argument("--float64-sizes", type=int, nargs="*", default=[128], help="sizes with a float64 one-pass reference")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
@@ -217,6 +233,7 @@ def main() -> None:
     model = build_model()
     f = model.downsampling_factor
     budgets = {int(k): float(v) for k, v in (b.split(":") for b in args.budgets)}
+    limit = args.one_pass_limit_gib * GIB
     results = []
     for size in args.sizes:
         methods = args.methods + (["one_pass_float64"] if size in args.float64_sizes else [])
@@ -224,14 +241,15 @@ def main() -> None:
             shape = (1, 1, size, size, size) if part == "encode" else (1, ARCH["latent_channels"]) + (size // f,) * 3
             one_pass = estimate_one_pass_bytes(model_geometry(model, "encoder" if part == "encode" else "decoder", shape))
             for method in methods:
-                config = dict(size=size, part=part, method=method, budget=int(budgets[size] * GIB) if method == "bounded" else None)
+                budget = int(budgets[size] * GIB) if method == "bounded" else None
+                config = dict(size=size, part=part, method=method, budget=budget)
                 if f"{size}:{method}" in args.skip:
                     results.append(dict(config, skipped="skipped (--skip): too slow on this machine"))
                 elif method == "one_pass_float64" and part == "decode":
                     # float64 convolutions run as im2col + GEMM: the full-resolution 64-channel
                     # column buffer of the decoder alone is ~29 GiB at 128^3.
                     results.append(dict(config, skipped="skipped: float64 im2col needs ~29 GiB"))
-                elif method.startswith("one_pass") and one_pass * (1.3 if method.endswith("contiguous") else 1) > args.one_pass_limit_gib * GIB:
+                elif method.startswith("one_pass") and one_pass * (1.3 if method.endswith("contiguous") else 1) > limit:
                     # (the contiguous layout adds oneDNN's reordered copies: leave a margin)
                     results.append(dict(config, estimate_bytes=one_pass, skipped=f"skipped: estimate {one_pass / GIB:.1f} GiB"))
                 else:

@@ -19,6 +19,8 @@ _PUBLIC = {
     "read_volume": "medvae.io",
     "write_volume": "medvae.io",
     "Volume": "medvae.io",
+    "encode_volume": "medvae.inference",
+    "decode_volume": "medvae.inference",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -290,8 +290,8 @@ def estimate_one_pass_bytes(geometry: Geometry) -> int:
     """Peak extra memory of the model's own forward on the whole volume (its output included).
 
     Models a plain GroupNorm -> SiLU -> Conv3d forward (norm and SiLU outputs both alive), which
-    bounds the fused forward of ``medvae.models.blocks`` from above: measured peaks were 60-90% of
-    this estimate on the CPU and 85-92% on an H200 (benchmarks/RESULTS.md).
+    bounds the fused forward of ``medvae.models.blocks`` from above: measured peaks were 71-85% of
+    this estimate on the CPU and 84-91% on an H200 (benchmarks/RESULTS.md).
     """
     full = geometry.full_bytes
     peak = 0
