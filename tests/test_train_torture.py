@@ -45,4 +45,7 @@ def test_medvae_defaults_survive_the_same_settings(tmp_path):
     applied = sum(row["train/step_applied"] for row in metrics)
     assert applied >= 5, f"only {applied} of 8 steps applied"
     assert all("train/loss_scale" in row for row in metrics)  # the grad scaler's state is recorded
-    assert (tmp_path / "run" / "events.jsonl").exists() or applied == 8
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    if applied < 8:  # every step not applied is explained in the events log
+        skipped_steps = {row["step"] - 1 for row in metrics if row["train/step_applied"] == 0.0}
+        assert skipped_steps <= {event["step"] for event in events}

@@ -120,6 +120,7 @@ class Tracker:
         elif self.events_path.exists():
             with open(self.events_path, encoding="utf-8") as handle:
                 self.events_total = sum(1 for line in handle if line.strip())
+        self.events_path.touch()  # present, and empty, when nothing went wrong
         if cfg.wandb_mode != "disabled":
             self.run = self._init_wandb(config_dict, resume)
 
