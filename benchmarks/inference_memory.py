@@ -105,7 +105,7 @@ def worker(config: dict) -> dict:
     if part == "encode":
         data = make_volume(size)
     else:
-        data = torch.load(_cache("latent", "bounded", size))
+        data = torch.load(_cache("latent", "bounded", size), weights_only=True)
     with torch.no_grad():  # warm-up: load kernels and thread pools outside the measurement
         small = torch.zeros(1, data.shape[1], 16, 16, 16)
         model.encode(small) if part == "encode" else model.decode(small[:, :, :4, :4, :4])
@@ -180,7 +180,7 @@ def _differences(results: list[dict]) -> None:
         for reference, key in REFERENCES:
             ref = _cache(r["part"], reference, r["size"])
             if "error" not in r and "skipped" not in r and ref.exists() and mine.exists() and r["method"] != reference:
-                r[key] = (torch.load(mine).double() - torch.load(ref).double()).abs().max().item()
+                r[key] = (torch.load(mine, weights_only=True).double() - torch.load(ref, weights_only=True).double()).abs().max().item()
 
 
 def table(results: list[dict]) -> str:

@@ -20,17 +20,8 @@ A template is a population average and two EPI frames of one run are near copies
 demo and a smoke test, not a dataset to claim reconstruction quality on; the held-out T1 is a
 different person and contrast from anything in training.
 
-The MNI template carries this notice, which must travel with every copy (it is also written
-into the demo folder as ``NOTICE.txt``):
-
-    Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
-    Institute, McGill University. Permission to use, copy, modify, and distribute this software
-    and its documentation for any purpose and without fee is hereby granted, provided that the
-    above copyright notice appear in all copies. The authors and McGill University make no
-    representations about the suitability of this software for any purpose. It is provided
-    "as is" without express or implied warranty. The authors are not responsible for any data
-    loss, equipment damage, property loss, or injury to subjects or patients resulting from the
-    use or misuse of this software package.
+The MNI template carries a copyright notice that must travel with every copy: ``MNI_NOTICE``
+below, also written into the demo folder as ``NOTICE.txt`` and quoted in the README.
 
 References: Fonov et al., NeuroImage 47 (2009) S102 and NeuroImage 54 (2011) 313-327;
 Collins et al., NeuroImage (1999).

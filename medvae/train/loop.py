@@ -70,12 +70,10 @@ class _Snapshot:
     """An in-memory copy of the last good model/optimizer state, for the guard's rollback."""
 
     def __init__(self) -> None:
-        self.step: int | None = None
         self.model: dict | None = None
         self.optimizer: dict | None = None
 
-    def take(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.step = step
+    def take(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optimizer = copy.deepcopy(optimizer.state_dict())
 
@@ -178,7 +176,7 @@ def train(config: Config) -> TrainResult:
 
     progress = tqdm(total=t.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
                     desc="medvae train", dynamic_ncols=True)
-    snapshot.take(state["step"], unwrapped, optimizer)
+    snapshot.take(unwrapped, optimizer)
     noise = torch.Generator(device=accelerator.device)
     seen_ids: list[str] = []
     step_started = time.perf_counter()
@@ -269,7 +267,7 @@ def train(config: Config) -> TrainResult:
             state["guard"] = guard.state_dict()
             state["cpu_grad_scaler"] = precision.state_dict()
             if applied and not events and state["step"] % t.guard.snapshot_every == 0:
-                snapshot.take(state["step"], unwrapped, optimizer)
+                snapshot.take(unwrapped, optimizer)
             progress.update(1)
 
             if state["step"] % config.tracking.log_every == 0 or state["step"] == t.max_steps:

@@ -69,7 +69,7 @@ class Precision:
 
     def state_dict(self) -> dict:
         """JSON-safe state of medvae's own CPU scaler (Accelerate saves its GPU scaler itself)."""
-        return {} if self.own_scaler is None else {k: v for k, v in self.own_scaler.state_dict().items()}
+        return {} if self.own_scaler is None else dict(self.own_scaler.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         if self.own_scaler is not None and state:
