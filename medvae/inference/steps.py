@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvae.models.blocks import Downsample, GroupNormSiLU, MidBlock, ResBlock, Upsample, channels_last
+from medvae.models.capability import onednn_convolution_ok
 from medvae.models.vae import DecoderLevel, EncoderLevel
 
 Interval = tuple[int, int]  # [start, stop) along one axis, in voxels of that step's grid
@@ -180,7 +181,6 @@ class WholeStep:
 Step = ConvStep | NormStep | WholeStep
 
 
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
@@ -210,7 +210,7 @@ def _convolve(
         bias = None if bias is None else bias.to(dtype)
         if transposed:
             return F.conv_transpose3d(x, weight, bias, stride=stride, padding=1)
-        if onednn and device == "cpu" and dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available():
+        if onednn and device == "cpu" and onednn_convolution_ok(dtype):
             x, weight = channels_last(x), channels_last(weight)
             return torch.ops.aten.mkldnn_convolution(x, weight, bias, [0, 0, 0], list(stride), [1, 1, 1], 1)
         return F.conv3d(x, weight, bias, stride)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from medvae.models.capability import onednn_convolution_ok
+
 
 def _suggested_format(x: torch.Tensor) -> torch.memory_format:
     """channels_last_3d if ``x`` is laid out that way (a single channel counts when its stride is 1,
@@ -45,9 +47,6 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-_MKLDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
     """conv3d whose output keeps the layout of ``x``.
 
@@ -59,9 +58,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stri
     if (
         x.device.type == "cpu"
         and fmt is torch.channels_last_3d
-        and x.dtype in _MKLDNN_DTYPES
         and x.dtype == weight.dtype
-        and torch.backends.mkldnn.is_available()
+        and onednn_convolution_ok(x.dtype)
     ):
         stride, padding = _triple(stride), _triple(padding)
         return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1, 1], 1)
