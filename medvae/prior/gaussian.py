@@ -8,11 +8,12 @@ grid to one shape, and fits
     z = mean + factors^T e + residual_std * n,    e ~ N(0, I_k),  n ~ N(0, I)
 
 over the flattened grid (C * d * h * w numbers): a per-position mean, a low-rank part of ``k``
-principal directions, and a per-position residual std. ``k = 0`` is the per-position diagonal
+principal directions (scikit-learn's PCA), and a per-position residual std; the density is
+``torch.distributions.LowRankMultivariateNormal``. ``k = 0`` is the per-position diagonal
 Gaussian. The residual variances may be shrunk towards their channel's mean variance (a per-position
 variance from a few volumes is noisy, and an underestimate costs much held-out likelihood). ``k`` and
 the shrinkage are chosen by K-fold cross-validation of the held-out log-likelihood of latent means
-(nats per latent element), among k in 0, 1, 2, 4, ... and shrinkage in 0, 0.25, ..., 1: the low-rank
+(nats per latent element, scikit-learn's KFold), among k in 0, 1, 2, 4, ... and shrinkage in 0, 0.25, ..., 1: the low-rank
 part is kept only where it predicts unseen volumes better than the diagonal. The scores of every
 candidate (and of N(0, I) on the training means) are kept in the description, so the choice can be
 checked.
@@ -28,11 +29,10 @@ Saved as ``prior.safetensors`` (mean, residual_std, factors) in the export folde
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,8 @@ class LatentPrior:
         """(num, C, d, h, w) float32 samples on the CPU; ``temperature`` scales the std.
 
         Each sample draws its own noise in turn (residual, then low-rank), so sample i is the same
-        whatever ``num`` is, for a given generator seed.
+        whatever ``num`` is, for a given generator seed. (``distribution().rsample`` draws the same
+        law but takes no generator, so the draw is written out here.)
         """
         samples = []
         for _ in range(num):
@@ -106,70 +107,57 @@ class LatentPrior:
             samples.append(self.mean + temperature * (self.residual_std * residual + low_rank))
         return torch.stack(samples) if samples else torch.zeros((0, *self.mean.shape))
 
+    def distribution(self):
+        """This prior as a ``torch.distributions.LowRankMultivariateNormal`` over flattened grids (float64)."""
+        return _distribution(self.mean.reshape(-1).double(), self.factors.reshape(self.rank, self.mean.numel()).double(),
+                             self.residual_std.reshape(-1).double() ** 2)
+
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """Log density of latent grids z (N, C, d, h, w) in nats, (N,) float64 (Woodbury identity)."""
-        factors = self.factors.reshape(self.rank, self.mean.numel()).double()
-        return _log_prob(z.reshape(z.shape[0], -1).double(), self.mean.reshape(-1).double(), factors,
-                         self.residual_std.reshape(-1).double() ** 2)
+        """Log density of latent grids z (N, C, d, h, w) in nats, (N,) float64."""
+        return self.distribution().log_prob(z.reshape(z.shape[0], -1).double())
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small (k, k) and (N, N) LAPACK calls: one thread, as more only contend on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _distribution(mean: torch.Tensor, factors: torch.Tensor, variance: torch.Tensor):
+    """torch.distributions.LowRankMultivariateNormal over D numbers: cov = factors^T factors + diag(variance).
+
+    mean, variance (D,); factors (k, D), k >= 0 (a zero column stands in for k = 0, which the
+    distribution does not accept; it changes nothing).
+    """
+    from torch.distributions import LowRankMultivariateNormal
+
+    cov_factor = factors.T if factors.shape[0] else torch.zeros((mean.shape[0], 1), dtype=mean.dtype)
+    return LowRankMultivariateNormal(mean, cov_factor.contiguous(), variance)
 
 
 def _log_prob(x: torch.Tensor, mean: torch.Tensor, factors: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, diag(variance) + factors^T factors), x (N, D), factors (k, D); float64."""
-    r = x - mean
-    dims = r.shape[1]
-    inv_var = 1.0 / variance
-    quad = (r * r * inv_var).sum(1)
-    log_det = torch.log(variance).sum()
-    if factors.shape[0]:
-        core = torch.eye(factors.shape[0], dtype=x.dtype) + (factors * inv_var) @ factors.T  # (k, k)
-        projected = (r * inv_var) @ factors.T  # (N, k)
-        with _one_thread():
-            solved = torch.linalg.solve(core, projected.T).T
-            log_det = log_det + torch.linalg.slogdet(core)[1]
-        quad = quad - (projected * solved).sum(1)
-    return -0.5 * (dims * math.log(2 * math.pi) + log_det + quad)
+    """log N(x; mean, diag(variance) + factors^T factors), x (N, D), factors (k, D); float64 nats (N,)."""
+    return _distribution(mean.double(), factors.double(), variance.double()).log_prob(x.double())
 
 
-def _fit_params(x: torch.Tensor, ranks: Sequence[int], gram: torch.Tensor | None = None
-                ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _fit_params(x: torch.Tensor, ranks: Sequence[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For each rank: (mean (D,), factors (rank, D), raw residual variance (D,)) from rows x (N, D), float64.
 
-    The principal directions come from the eigenvectors of the (N, N) Gram matrix of the centred
-    rows (N << D): one product of N^2 D operations serves every rank. ``gram``: the Gram matrix
-    of these rows about any common centre (it is re-centred here), to reuse one across folds.
+    The principal directions come from scikit-learn's PCA (one SVD of the N x D rows serves every
+    rank). As in probabilistic PCA, each direction carries the variance above the residual level.
     """
-    n = x.shape[0]
-    mean = x.mean(0, dtype=torch.float64)
-    centred = x - mean.to(x.dtype)
-    variance = centred.pow(2).sum(0, dtype=torch.float64) / max(n - 1, 1)
-    fitted = {0: (mean, torch.zeros((0, x.shape[1]), dtype=torch.float64), variance)}
-    top_rank = max(ranks, default=0)
+    from sklearn.decomposition import PCA
+
+    rows = x.double().numpy()
+    n = rows.shape[0]
+    mean = torch.from_numpy(rows.mean(0))
+    centred = torch.from_numpy(rows) - mean
+    fitted = {0: (mean, torch.zeros((0, rows.shape[1]), dtype=torch.float64),
+                  centred.pow(2).sum(0) / max(n - 1, 1))}
+    top_rank = min(max(ranks, default=0), n - 1)
     if top_rank > 0:
-        gram = (centred @ centred.T).double() if gram is None else gram.double()
-        centring = torch.eye(n, dtype=torch.float64) - 1.0 / n
-        with _one_thread():
-            eigenvalues, eigenvectors = torch.linalg.eigh(centring @ gram @ centring)  # ascending
-        eigenvalues = eigenvalues.flip(0)[:top_rank].clamp(min=0)
-        eigenvectors = eigenvectors.flip(1)[:, :top_rank]
-        singular = eigenvalues.sqrt().clamp(min=1e-12)
-        directions = (eigenvectors.T.to(x.dtype) @ centred).double() / singular[:, None]  # (k, D) orthonormal
-        scores = eigenvectors * singular  # (N, k): the rows' coordinates on the directions
-        for rank in (r for r in ranks if r > 0):
-            residual = centred - (scores[:, :rank] @ directions[:rank]).to(x.dtype)
-            residual_variance = residual.pow(2).sum(0, dtype=torch.float64) / max(n - 1 - rank, 1)
-            # As in probabilistic PCA, the low-rank part carries the variance above the residual level.
-            scale = (eigenvalues[:rank] / max(n - 1, 1) - residual_variance.mean()).clamp(min=0).sqrt()
+        pca = PCA(n_components=top_rank, svd_solver="full").fit(rows)
+        directions = torch.from_numpy(pca.components_)  # (k, D) orthonormal
+        eigenvalues = torch.from_numpy(pca.explained_variance_)  # (k,) variance along each direction
+        scores = centred @ directions.T  # (N, k)
+        for rank in (r for r in ranks if 0 < r <= top_rank):
+            residual = centred - scores[:, :rank] @ directions[:rank]
+            residual_variance = residual.pow(2).sum(0) / max(n - 1 - rank, 1)
+            scale = (eigenvalues[:rank] - residual_variance.mean()).clamp(min=0).sqrt()
             fitted[rank] = (mean, directions[:rank] * scale[:, None], residual_variance)
     return {rank: fitted[rank] for rank in ranks}
 
@@ -187,17 +175,15 @@ def _shrink(variance: torch.Tensor, channels: int, shrinkage: float) -> torch.Te
 
 def _cross_validate(x: torch.Tensor, channels: int, ranks: Sequence[int], folds: int) -> dict[tuple[int, float], float]:
     """Mean held-out log-likelihood per latent element for each (rank, shrinkage), K-fold over the rows of x."""
+    from sklearn.model_selection import KFold
+
     n, dims = x.shape
-    centred = x - x.mean(0, dtype=torch.float64).to(x.dtype)
-    gram = (centred @ centred.T).double()  # one (N, N) product for all folds
-    held_out_of = torch.arange(n) % folds
     scores = {(rank, shrinkage): 0.0 for rank in ranks for shrinkage in SHRINKAGES}
-    for fold in range(folds):
-        train = (held_out_of != fold).nonzero()[:, 0]
-        test = x[held_out_of == fold].double()
-        for rank, (mean, factors, variance) in _fit_params(x[train], ranks, gram[train][:, train]).items():
+    for train, test in KFold(n_splits=folds).split(x.numpy()):
+        held_out = x[torch.from_numpy(test)]
+        for rank, (mean, factors, variance) in _fit_params(x[torch.from_numpy(train)], ranks).items():
             for shrinkage in SHRINKAGES:
-                log_prob = _log_prob(test, mean, factors, _shrink(variance, channels, shrinkage))
+                log_prob = _log_prob(held_out, mean, factors, _shrink(variance, channels, shrinkage))
                 scores[rank, shrinkage] += float(log_prob.sum())
     return {key: total / (n * dims) for key, total in scores.items()}
 
