@@ -213,7 +213,8 @@ class TrainConfig:
     val_every: int = 200  # steps between validations
     checkpoint_every: int = 500  # steps between accelerator.save_state
     keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: Optional[str] = None  # None, "auto" (latest in output_dir) or a checkpoint path
+    resume: Optional[str] = None  # None, "auto" (newest valid checkpoint in output_dir) or a checkpoint path
+    overwrite: bool = False  # start over in a non-empty output_dir (its files are moved to previous-*)
     cpu: bool = False  # force CPU processes (gloo) even where CUDA exists
     guard: GuardConfig = field(default_factory=GuardConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
