@@ -133,7 +133,7 @@ def test_gzip_member_with_a_short_payload(tmp_path):
     path.write_bytes(gzip.compress(raw))
     with pytest.raises(VolumeError) as err:
         read_volume(path)
-    assert "Expected 256 bytes, got 40" in _one_line_naming(err, path)
+    assert "describes 4x4x4 voxels (608 bytes) but the file decompresses to 392" in _one_line_naming(err, path)
 
 
 def test_nonfinite_voxels_are_rejected_by_default_and_repaired_on_request(tmp_path):

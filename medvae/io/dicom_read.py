@@ -14,7 +14,7 @@ import pydicom.pixels
 
 from medvae.io.dicom_geometry import stack_slices
 from medvae.io.dicom_series import SliceHeader, find_series, slice_headers
-from medvae.io.volume import Volume, VolumeError
+from medvae.io.volume import Volume, VolumeError, check_allocation
 
 # Which pip packages decode which compressed transfer syntaxes (pydicom itself does RLE and deflate).
 _JPEG = "pylibjpeg pylibjpeg-libjpeg"
@@ -45,6 +45,9 @@ def read_dicom(path: Path, series: str | None, frame: int | None) -> Volume:
         raise VolumeError(path, f"colour image (SamplesPerPixel={first.SamplesPerPixel}): medvae reads greyscale volumes")
 
     rows, columns = stack.slices[0].size
+    # The float32 volume plus one decoded frame at a time (8 bytes per stored value at most).
+    check_allocation(path, len(stack.slices) * rows * columns * 4 + rows * columns * 8,
+                     f"{len(stack.slices)} slices of {rows}x{columns} pixels")
     buffer = np.empty((len(stack.slices), rows, columns), dtype=np.float32)
     _decode_into(buffer, stack.slices)
 

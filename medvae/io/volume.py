@@ -111,6 +111,38 @@ def check_frame(path: str | os.PathLike, frame: int | None, n_frames: int, shape
     return frame
 
 
+MAX_VOLUME_ENV = "MEDVAE_MAX_VOLUME_GB"  # cap on the bytes one volume read may allocate
+DEFAULT_MEMORY_SHARE = 0.5  # default cap: this share of the memory available when the read starts
+
+
+def volume_byte_cap() -> int:
+    """Most bytes a reader may allocate for one volume (raw voxels plus the float32 copy).
+
+    ``MEDVAE_MAX_VOLUME_GB`` sets it (GiB); by default it is half the memory available now, so a
+    header that claims more is refused before any voxel is read instead of exhausting the machine.
+    """
+    configured = os.environ.get(MAX_VOLUME_ENV)
+    if configured:
+        try:
+            gib = float(configured)
+        except ValueError:
+            raise ValueError(f"{MAX_VOLUME_ENV}={configured!r}: expected a number of GiB") from None
+        if not gib > 0:
+            raise ValueError(f"{MAX_VOLUME_ENV}={configured!r}: must be > 0")
+        return int(gib * 2**30)
+    import psutil
+
+    return int(psutil.virtual_memory().available * DEFAULT_MEMORY_SHARE)
+
+
+def check_allocation(path: str | os.PathLike, needed: int, what: str) -> None:
+    """Raise VolumeError if reading ``what`` would allocate more than ``volume_byte_cap()`` bytes."""
+    cap = volume_byte_cap()
+    if needed > cap:
+        raise VolumeError(path, f"{what} would need {needed / 2**30:.2f} GiB, more than the {cap / 2**30:.2f} GiB "
+                                f"a volume may take (set {MAX_VOLUME_ENV} to change it)")
+
+
 def shape_text(shape: tuple[int, ...]) -> str:
     """(128, 96, 24) -> "128x96x24"."""
     return "x".join(str(n) for n in shape)
