@@ -88,14 +88,53 @@ def train(args: tuple[str, ...]) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0.0))
 @click.option("--shape", nargs=3, type=int, default=None, help="Output size D H W in voxels (multiple of the downsampling factor).")
-@click.option("--prior", type=click.Choice(["standard", "fitted"]), default="fitted", show_default=True)
+@click.option("--prior", type=click.Choice(["standard", "fitted", "diffusion"]), default="fitted", show_default=True)
 @click.option("--format", "out_format", type=click.Choice(["nifti", "dicom"]), default="nifti", show_default=True)
+@click.option("--prior-dir", default=None, type=click.Path(path_type=Path),
+              help="Diffusion prior folder (default: <model>/prior, where train-prior writes).")
+@click.option("--sampler", type=click.Choice(["rflow", "ddpm", "ddim"]), default=None,
+              help="Diffusion sampler (default: the prior's).")
+@click.option("--sampling-steps", default=None, type=click.IntRange(min=1), help="Diffusion sampling steps.")
+@click.option("--guidance", default=None, type=float, help="Classifier-free guidance weight (1: none).")
+@click.option("--condition", "conditions", multiple=True, help="key=value, e.g. modality=CT or spacing=2.0.")
 @_memory_option
-def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_format, memory_gb) -> None:
+def generate(model_dir, num, out_dir, seed, temperature, shape, prior, out_format, prior_dir, sampler,
+             sampling_steps, guidance, conditions, memory_gb) -> None:
     """Decode latent samples into synthetic scans in real units (HU for CT)."""
     job = _job("medvae.jobs.generate", 5)
+    diffusion = {"prior_dir": prior_dir, "sampler": sampler, "sampling_steps": sampling_steps,
+                 "guidance": guidance, "conditions": list(conditions)}
     _run(job.generate, model_dir=model_dir, num=num, out_dir=out_dir, seed=seed, temperature=temperature,
-         shape=shape, prior=prior, out_format=out_format, memory_budget=_bytes(memory_gb))
+         shape=shape, prior=prior, out_format=out_format, memory_budget=_bytes(memory_gb),
+         diffusion=diffusion if prior == "diffusion" else None)
+
+
+@cli.command("train-prior", context_settings={"ignore_unknown_options": True})
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="The VAE: run or export folder.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train_prior(model_dir, args: tuple[str, ...]) -> None:
+    """Train a latent diffusion prior: medvae train-prior --model RUN [CONFIG.yaml] [key=value ...].
+
+    Works the same under `accelerate launch [options] -m medvae train-prior ...`.
+    """
+    config_path, overrides = _split_config_args(args)
+    job = _job("medvae.prior.training", 12)
+    _run(job.train_prior_from_cli, str(model_dir), config_path, overrides)
+
+
+@cli.command("evaluate-samples")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="The VAE (feature space).")
+@click.option("--samples", "samples", required=True, multiple=True, help="Synthetic volumes: folder, glob or datalist.")
+@click.option("--train", "train", required=True, multiple=True, help="The training volumes (copy check, reference).")
+@click.option("--heldout", "heldout", multiple=True, help="Held-out real volumes: reference and copy-check floor.")
+@click.option("--pool", default=2, show_default=True, type=click.IntRange(min=1), help="Latent pooling grid per axis.")
+@click.option("--json", "json_file", default=None, type=click.Path(path_type=Path))
+@_memory_option
+def evaluate_samples(model_dir, samples, train, heldout, pool, json_file, memory_gb) -> None:
+    """Fréchet distance, MMD, intensity and foreground distances, and the copy check of synthetic scans."""
+    job = _job("medvae.jobs.evaluate_samples", 12)
+    _run(job.evaluate_samples, model_dir=model_dir, samples=list(samples), train=list(train),
+         heldout=list(heldout), pool=pool, json_file=json_file, memory_budget=_bytes(memory_gb))
 
 
 @cli.command()

@@ -255,15 +255,17 @@ def _key_of(err: Exception) -> str:
     return str(key) if key else "?"
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides.
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                schema: type = Config) -> Any:
+    """Defaults of ``schema`` (the VAE's ``Config``, or another dataclass such as the prior's), then the
+    YAML file at ``path`` (if any), then ``key=value`` overrides.
 
     Raises ``ConfigError`` naming the unknown or mistyped key, and the file it came from.
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(schema)
     source = "defaults"
     try:
         if path is not None:

@@ -1,7 +1,15 @@
 """``medvae generate``: decode latent samples into synthetic scans in real units (HU for CT).
 
     medvae generate --model runs/x --num 8 --out synth/ [--seed 0] [--temperature 1]
-                    [--prior fitted|standard] [--shape D H W] [--format nifti|dicom]
+                    [--prior fitted|standard|diffusion] [--shape D H W] [--format nifti|dicom]
+                    [--prior-dir P] [--sampler rflow|ddpm|ddim] [--sampling-steps N] [--guidance W]
+                    [--condition key=value ...]
+
+``--prior diffusion`` samples the latent diffusion prior that ``medvae train-prior`` trained for
+this VAE (``medvae.prior.sampling``; its grid fixes the output shape; the options after
+``--prior-dir`` are its own) and runs the copy check: generation.json records the sampler, its
+steps, the guidance, the conditions and the fraction of samples flagged as near-copies of a
+training volume.
 
 Latents come from the export's fitted prior (``medvae.prior``; its grid fixes the output shape) or
 from N(0, I) over a grid of ``--shape / factor``. ``--temperature`` scales the prior's std. Sample i
@@ -119,8 +127,12 @@ def write_montage(volumes: list[np.ndarray], labels: list[str], path: Path) -> P
 
 def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike, seed: int = 0,
              temperature: float = 1.0, shape=None, prior: str = "fitted", out_format: str = "nifti",
-             memory_budget: int | None = None) -> Path:
-    """Write ``num`` synthetic scans into the new folder ``out_dir``; return it (see the module doc)."""
+             memory_budget: int | None = None, diffusion: dict | None = None) -> Path:
+    """Write ``num`` synthetic scans into the new folder ``out_dir``; return it (see the module doc).
+
+    ``diffusion``: keyword arguments of ``medvae.prior.sampling.sample_diffusion_latents`` (prior_dir,
+    sampler, sampling_steps, guidance, conditions) for ``prior="diffusion"``.
+    """
     from medvae.io import Volume, write_volume
     from medvae.tracking.preview import triplanar_preview
 
@@ -129,7 +141,12 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
     if num < 1 or not temperature >= 0:
         raise ValueError(f"--num must be >= 1 and --temperature >= 0, got {num} and {temperature}")
     loaded = load_for_inference(model_dir, memory_budget=memory_budget)
-    latent_prior, volume_shape = _choose_prior(loaded, prior, shape)
+    if prior == "diffusion":
+        from medvae.prior.sampling import sample_diffusion_latents
+
+        latents, volume_shape, prior_record = sample_diffusion_latents(loaded, num, seed, shape, **(diffusion or {}))
+    else:
+        latent_prior, volume_shape = _choose_prior(loaded, prior, shape)
     preprocessing = loaded.preprocessing
     spacing = preprocessing.get("spacing")
     spacing_note = "training spacing"
@@ -140,7 +157,9 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
     modality = preprocessing.get("modality")
     units = preprocessing.get("units") or ("HU" if modality == "CT" else None)
 
-    latents = latent_prior.sample(num, torch.Generator().manual_seed(seed), temperature)  # (N, C, d, h, w), CPU
+    if prior != "diffusion":
+        latents = latent_prior.sample(num, torch.Generator().manual_seed(seed), temperature)  # (N, C, d, h, w), CPU
+        prior_record = {"prior_description": latent_prior.description, "latent_shape": list(latent_prior.latent_shape)}
     samples, volumes = [], []
     with new_output_folder(out_dir) as tmp:
         for index, z in enumerate(latents):
@@ -163,8 +182,7 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
         record = {
             "command": "generate", "model": str(loaded.directory), "model_hash": loaded.hash,
             "num": num, "seed": seed, "temperature": temperature,
-            "prior": prior, "prior_description": latent_prior.description,
-            "shape": list(volume_shape), "latent_shape": list(latent_prior.latent_shape),
+            "prior": prior, **prior_record, "shape": list(volume_shape),
             "spacing_mm": [float(s) for s in spacing], "spacing_source": spacing_note,
             "orientation": orientation, "affine": affine.tolist(),
             "origin": "volume centre at world (0, 0, 0) mm", "format": out_format,

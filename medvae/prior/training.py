@@ -1,0 +1,258 @@
+"""``medvae train-prior``: the latent diffusion prior as a task of medvae's training runner.
+
+    medvae train-prior --model runs/x [configs/prior.yaml] [key=value ...]
+    accelerate launch [options] -m medvae train-prior --model runs/x [CONFIG] [key=value ...]
+
+The runner (``medvae.train.loop.run_training``) brings what the VAE has: warm-up/cosine LR,
+clipping, EMA, the divergence guard with events.jsonl and wandb alerts, atomic checkpoints with
+exact resume, and multi-process training. This task brings the data (the VAE's training volumes,
+encoded once into a latent cache by the main process), MONAI's DiffusionModelUNet, the diffusion
+loss, and the export: the prior folder ``<run>/export`` that ``generate --prior diffusion`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medvae.prior.config import PriorConfig
+from medvae.prior.diffusion import (
+    ConditionSpec,
+    build_scheduler,
+    build_unet,
+    save_diffusion_prior,
+    scheduler_arguments,
+    training_loss,
+    unet_arguments,
+)
+from medvae.prior.latents import LatentSet, encode_items, load_latents, save_latents
+from medvae.train.task import TrainingTask
+
+MODALITIES = ["CT", "MR"]  # the one-hot vocabulary of the modality condition (fixed: the context size must not depend on data)
+TRAIN_CACHE = "latents_train.safetensors"
+VAL_CACHE = "latents_val.safetensors"
+
+
+def default_output_dir(model_dir: str) -> str:
+    """``<model>/prior``: next to the VAE's export inside its run folder."""
+    return str(Path(model_dir) / "prior")
+
+
+def prior_datalists(config: PriorConfig, vae_config: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """(train items, held-out items): ``latents.train``/``latents.val``, else the VAE's own split."""
+    from omegaconf import OmegaConf
+
+    from medvae.config import DataConfig
+    from medvae.data import read_datalist, resolve_datalists
+
+    trained_with = (vae_config.get("extra") or {}).get("trained_with") or {}
+    if config.latents.train is not None:
+        modality = (vae_config.get("preprocessing") or {}).get("modality") or "MR"
+        train = read_datalist(config.latents.train, modality)["training"]
+        val = read_datalist(config.latents.val, modality)["training"] if config.latents.val else []
+        return train, val
+    if not trained_with.get("data"):
+        raise ValueError(f"{config.model}: the model does not record its training data; set latents.train=DATALIST")
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), trained_with["data"]))
+    return resolve_datalists(data, seed=int((trained_with.get("train") or {}).get("seed", 0)))
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Items ``{"latent": (C, d, h, w) scaled, "context": (1, E) if conditional, "id": str}``."""
+
+    def __init__(self, latents: LatentSet, shift: torch.Tensor, scale_factor: float, spec: ConditionSpec):
+        self.scaled = (latents.latents - shift[None, :, None, None, None]) * scale_factor
+        self.ids = latents.ids
+        self.contexts = [spec.vector(c, where=f"volume {i}")[None] if spec.keys else None
+                         for i, c in zip(latents.ids, latents.conditions)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"latent": self.scaled[index], "id": self.ids[index]}
+        if self.contexts[index] is not None:
+            item["context"] = self.contexts[index]
+        return item
+
+
+class DiffusionPriorTask(TrainingTask):
+    """Train a MONAI DiffusionModelUNet on the VAE's cached latents (``PriorConfig``)."""
+
+    name = "diffusion_prior"
+    primary_term = "diffusion"
+
+    def __init__(self, config: PriorConfig):
+        from medvae.jobs.loading import load_for_inference
+
+        self.config = config
+        self.batch_size = config.latents.batch_size
+        self.num_workers = config.latents.num_workers
+        self.vae = load_for_inference(config.model, device="cpu")
+        self.spec = ConditionSpec(list(config.diffusion.conditions), MODALITIES)
+        self.scheduler_args = scheduler_arguments(config.diffusion)
+        self.unet_args = unet_arguments(config.diffusion, int(self.vae.config["model"]["latent_channels"]),
+                                        self.spec.size)
+        self.train_latents: LatentSet | None = None
+        self.val_latents: LatentSet | None = None
+        self.shift, self.scale_factor = torch.zeros(0), 1.0
+        self.inferer = None
+
+    def build_model(self) -> torch.nn.Module:
+        return build_unet(self.unet_args)
+
+    def latent_grid(self, shapes: list[list[int]]) -> tuple[int, ...]:
+        """The common grid: ``latents.shape``, or the per-axis median, padded up to what the UNet divides."""
+        from medvae.prior.gaussian import common_latent_shape
+
+        multiple = 2 ** (len(self.config.diffusion.channels) - 1)
+        channels, *spatial = common_latent_shape(shapes) if self.config.latents.shape is None else (
+            shapes[0][0], *self.config.latents.shape)
+        return (channels, *(math.ceil(s / multiple) * multiple for s in spatial))
+
+    def _encode(self, items: list[dict], path: Path, shape: tuple[int, ...] | None) -> LatentSet:
+        """The cache at ``path`` when it holds these items from this VAE, else encode and write it."""
+        if path.is_file():
+            cached = load_latents(path, model_hash=self.vae.hash)
+            if cached.ids == [str(i["id"]) for i in items] and (shape is None or cached.latent_shape == shape):
+                return cached
+        latents = encode_items(self.vae, items)
+        grid = shape or self.latent_grid(latents.provenance["original_latent_shapes"])
+        from medvae.prior.gaussian import crop_or_pad
+
+        latents.latents = torch.stack([crop_or_pad(z, grid) for z in latents.latents])
+        latents.provenance["latent_shape"] = list(grid)
+        save_latents(latents, path)
+        return latents
+
+    def build_data(self, run_dir: Path):
+        """Encode (main process, once; cached in the run folder) and load the latents on every rank."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        train_items, val_items = prior_datalists(self.config, self.vae.config)
+        if state.is_main_process:
+            train = self._encode(train_items, run_dir / TRAIN_CACHE, None)
+            if val_items:
+                self._encode(val_items, run_dir / VAL_CACHE, train.latent_shape)
+        state.wait_for_everyone()
+        self.train_latents = load_latents(run_dir / TRAIN_CACHE, model_hash=self.vae.hash)
+        self.val_latents = load_latents(run_dir / VAL_CACHE, model_hash=self.vae.hash) if val_items else None
+        self.shift, self.scale_factor = self.train_latents.scaling()
+        self.inferer = _inferer(self.scheduler_args)
+        train_set = LatentDataset(self.train_latents, self.shift, self.scale_factor, self.spec)
+        val_set = (LatentDataset(self.val_latents, self.shift, self.scale_factor, self.spec)
+                   if self.val_latents is not None else None)
+        return train_set, val_set
+
+    def loss(self, model, batch: dict, step: int, generator: torch.Generator):
+        """Diffusion MSE (noise target for ddpm, velocity for rflow), float32; one term, "diffusion"."""
+        device = generator.device
+        latents = batch["latent"].to(device).float()
+        context = batch["context"].to(device).float() if "context" in batch else None
+        d = self.config.diffusion
+        loss = training_loss(model, self.inferer, latents, context, d.scheduler, d.num_train_timesteps,
+                             d.condition_dropout, generator, d.timestep_sampling)
+        return loss, {"terms": {"diffusion": loss}}
+
+    def validate(self, model, val_set, accelerator, run_dir: Path, step: int, tracker) -> dict[str, float]:
+        """The diffusion loss on the held-out latents with fixed noise (comparable across steps)."""
+        if val_set is None or len(val_set) == 0:
+            return {}
+        d = self.config.diffusion
+        generator = torch.Generator(device=accelerator.device).manual_seed(12345)
+        model.eval()
+        with torch.no_grad():
+            losses = []
+            for index in range(len(val_set)):
+                item = val_set[index]
+                context = item["context"][None].to(accelerator.device) if "context" in item else None
+                losses.append(float(training_loss(model, self.inferer, item["latent"][None].to(accelerator.device),
+                                                  context, d.scheduler, d.num_train_timesteps, 0.0, generator,
+                                                  d.timestep_sampling)))
+        model.train()
+        return {"val/diffusion_loss": sum(losses) / len(losses)}
+
+    def export(self, model, run_dir: Path) -> None:
+        """``run_dir/export``: the prior folder (weights, copy reference, config.json with provenance)."""
+        from medvae.prior.quality import COPY_RATIO, copy_threshold, nearest_distances
+
+        train = self.train_latents
+        if self.val_latents is not None and len(self.val_latents.ids):
+            reference = nearest_distances(self.val_latents.latents, train.latents)
+            source = "held-out volumes to their nearest training volume"
+        else:
+            reference = nearest_distances(train.latents, train.latents, exclude_self=True)
+            source = "each training volume to its nearest other training volume (no held-out volumes)"
+        d = self.config.diffusion
+        config = {
+            "unet": self.unet_args, "scheduler": self.scheduler_args,
+            "default_sampler": d.sampler or ("rflow" if d.scheduler == "rflow" else "ddim"),
+            "sampling_steps": d.sampling_steps, "guidance": d.guidance,
+            "latent_shape": list(train.latent_shape), "shift": self.shift.tolist(), "scale_factor": self.scale_factor,
+            "scaling": "prior space = (z - shift[channel]) * scale_factor; scale_factor = 1 / std of centred latents",
+            "conditions": self.spec.to_dict(),
+            "model_hash": self.vae.hash, "preprocessing": self.vae.preprocessing,
+            "latents": {k: v for k, v in train.provenance.items() if k not in ("preprocessing",)},
+            "num_train_volumes": len(train.ids), "train_ids": train.ids,
+            "copy_check": {"reference": source, "reference_distances": [float(x) for x in reference],
+                           "ratio": COPY_RATIO, "threshold": copy_threshold(reference),
+                           "feature_space": "posterior-mean latent grid, RMS distance per element"},
+            "trained_with": _plain(self.config),
+        }
+        save_diffusion_prior(run_dir / "export", model, config, train.latents)
+
+
+def _inferer(scheduler_args: dict):
+    from monai.inferers import DiffusionInferer
+
+    return DiffusionInferer(build_scheduler(scheduler_args))
+
+
+def _plain(config: PriorConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def load_prior_config(config_path: str | None, overrides: list[str], model_dir: str) -> PriorConfig:
+    """PriorConfig from defaults, the YAML file, the overrides and ``--model`` (train.output_dir defaults to <model>/prior)."""
+    from medvae.config import load_config
+
+    config = load_config(config_path, [*overrides, f"model={model_dir}"], schema=PriorConfig)
+    if not config.train.output_dir:
+        config.train.output_dir = default_output_dir(model_dir)
+    return config
+
+
+def train_prior(config: PriorConfig, hooks=None):
+    """Train the prior as ``config`` says; returns the runner's TrainResult."""
+    from medvae.train.loop import run_training
+
+    return run_training(DiffusionPriorTask(config), config.train, config.tracking, _plain(config), hooks=hooks)
+
+
+def train_prior_from_cli(model_dir: str, config_path: str | None, overrides: list[str]) -> None:
+    """Entry point of ``medvae train-prior``."""
+    import sys
+
+    from accelerate import PartialState
+
+    from medvae.train.guard import DivergenceError
+
+    config = load_prior_config(config_path, overrides, model_dir)
+    try:
+        result = train_prior(config)
+    except DivergenceError as err:
+        print(f"medvae train-prior: aborted: {err}", file=sys.stderr)
+        sys.exit(3)
+    if PartialState().is_main_process:
+        print(f"medvae: prior run folder {result.run_dir}")
+        print(f"medvae: diffusion prior  {result.run_dir / 'export'} (use: medvae generate --model {model_dir} "
+              f"--prior diffusion)")
+        print(f"medvae: events log       {result.run_dir / 'events.jsonl'}")
+        print(json.dumps({"step": result.step}))
