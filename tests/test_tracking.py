@@ -12,7 +12,15 @@ from PIL import Image
 
 from medvae.config import TrackingConfig
 from medvae.tracking import Tracker, triplanar_preview
-from medvae.tracking.preview import preview_size
+from medvae.tracking.preview import (
+    MIN_PANEL_PX,
+    PANEL_PX,
+    bar_box,
+    panel_box,
+    preview_size,
+    reconstruction_preview,
+    reconstruction_preview_size,
+)
 from medvae.train.guard import GuardEvent
 from wandb_offline import alerts, history_keys, history_rows, read_records, run_files
 
@@ -41,7 +49,7 @@ def offline_run(tmp_path_factory):
         tracker.log({"loss": 0.4, "beta": 1e-7, "kl_per_channel": torch.tensor([0.1, 0.2, 0.3])}, step=2)
         tracker.event(spike_event(2))
         volume = np.random.default_rng(0).random((8, 10, 12)).astype(np.float32)
-        png = triplanar_preview([volume, volume * 0.5], ["input", "reconstruction"], run_dir / "preview.png")
+        png = reconstruction_preview(volume, volume * 0.5, run_dir / "preview.png", step=2)
         tracker.image("val/preview", png, step=2)
         tracker.finish()
 
@@ -60,7 +68,7 @@ def test_offline_run_file_holds_logged_keys_and_alerts(offline_run):
     assert {"loss", "beta", "kl_per_channel/0", "kl_per_channel/2", "step"} <= keys
     (image,) = [row for row in history_rows(records) if "val/preview/_type" in row]
     assert json.loads(image["val/preview/_type"]) == "image-file"
-    assert (json.loads(image["val/preview/width"]), json.loads(image["val/preview/height"])) == preview_size((8, 10, 12), 2)
+    assert (json.loads(image["val/preview/width"]), json.loads(image["val/preview/height"])) == reconstruction_preview_size()
     assert list(files[0].parent.rglob("files/media/images/val/preview_*.png"))
     assert {"guard/kl_spike", "guard/events_total"} <= keys
     (title, text), = alerts(records)
@@ -141,6 +149,40 @@ def test_triplanar_preview_size_and_content(tmp_path):
     # the ball's centre is bright in the axial panel of the input row
     top = 4 + 14
     assert pixels[top + 24, 4 + 20] == 255
+
+
+def test_reconstruction_preview_has_three_planes_by_input_reconstruction_difference(tmp_path):
+    shape, spacing = (20, 24, 16), (1.0, 1.0, 2.0)  # (D, H, W), mm
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    background = np.random.default_rng(0).uniform(20.0, 60.0, shape)
+    image = np.where(radius < 0.6, 100.0, background).astype(np.float32)
+    # wrong only inside the ball: by 20 in its core, by 40 in its shell (the difference window's top)
+    reconstruction = np.where(radius < 0.3, 80.0, np.where(radius < 0.6, 60.0, background)).astype(np.float32)
+    path = reconstruction_preview(image, reconstruction, tmp_path / "p.png", step=123, spacing=spacing)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert pixels.shape[1::-1] == reconstruction_preview_size() and PANEL_PX >= MIN_PANEL_PX
+    for row in range(3):  # axial, coronal, sagittal
+        centres = []
+        for column in range(3):  # input, reconstruction, |difference|
+            left, top, right, bottom = panel_box(row, column)
+            assert right - left >= 192 and bottom - top >= 192
+            centres.append(pixels[(top + bottom) // 2, (left + right) // 2])
+        (ri, gi, bi), (rr, gr, br), (rd, gd, bd) = centres
+        assert ri == gi == bi == 255 and rr == gr == br and 150 < rr < 230  # grey: bright input, darker recon
+        assert rd == 255 and 100 < gd < 160 and bd == 0  # half-way up the hot colour map: orange
+        left, top, right, bottom = panel_box(row, 2)
+        assert pixels[top + 40, (left + right) // 2].sum() == 0  # black outside the ball: no difference
+    # voxels at their physical aspect: the coronal plane is W x D = 32 mm x 20 mm, so 256 x 160 pixels
+    left, top, right, bottom = panel_box(1, 0)
+    lit = pixels[top:bottom, left:right].sum(axis=2) > 0
+    assert lit.any(axis=0).sum() == 160 and lit.any(axis=1).sum() == 256
+    for index in range(2):  # colour bars: intensity (grey) and difference (hot), high at the top
+        left, top, right, bottom = bar_box(index)
+        assert pixels[top, left].tolist() == [255, 255, 255] and pixels[bottom - 1, left].tolist() == [0, 0, 0]
+    middle = pixels[(bar_box(1)[1] + bar_box(1)[3]) // 2, bar_box(1)[0]]
+    assert middle[0] > middle[2]  # the difference bar is in colour
+    assert pixels[: panel_box(0, 0)[1] - 16].max() == 255  # the title (step) is written
 
 
 def test_triplanar_preview_rejects_mismatched_inputs(tmp_path):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import Compose
 from monai.transforms.transform import RandomizableTrait
@@ -59,6 +60,7 @@ class Prepared:
     items: list[Item] = field(default_factory=list)  # the good input items, in datalist order
     outputs: list[Item] = field(default_factory=list)  # their preprocessed outputs (if kept)
     intensity: list[dict[str, Any]] = field(default_factory=list)  # meta["intensity"] of each good item
+    spacing: list[list[float]] = field(default_factory=list)  # voxel size (mm, D H W) of each good item
     skipped: list[dict[str, Any]] = field(default_factory=list)  # {"phase", "id", "path", "reason"}
 
 
@@ -85,6 +87,7 @@ def prepare_items(items: list[Item], transform: Compose, on_bad_file: str = "fai
             continue
         prepared.items.append(item)
         prepared.intensity.append(dict(output[KEY].meta["intensity"]))
+        prepared.spacing.append([float(s) for s in output[KEY].pixdim])
         if keep_outputs:
             prepared.outputs.append(output)
     return prepared
@@ -150,4 +153,12 @@ def build_datasets(config: Config, downsampling_factor: int, run_dir: str | os.P
     train_set, val_set = (_dataset(data, phase, downsampling_factor, prepared[phase], pipelines[phase], run_dir)
                           for phase in ("train", "val"))
     stats = summarize_intensity(prepared["train"].intensity)
-    return train_set, val_set, preprocessing_description(data, stats, downsampling_factor)
+    description = preprocessing_description(data, stats, downsampling_factor)
+    # What the model saw, voxel size per axis after orientation and resampling: generate writes at it.
+    description["median_training_spacing"] = median_spacing(prepared["train"].spacing)
+    return train_set, val_set, description
+
+
+def median_spacing(spacings: list[list[float]]) -> list[float]:
+    """Per-axis median of (D, H, W) voxel sizes in mm, rounded to 1e-4 mm."""
+    return [round(float(v), 4) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0)]

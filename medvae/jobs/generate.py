@@ -18,8 +18,9 @@ decoder, clipped to the normalised range the model was trained on (e.g. [0, 1] f
 window, so CT stays inside its HU window) and mapped back to real units with the training set's
 intensity parameters.
 
-Geometry: voxels at the training spacing (1 mm where the model was trained at each file's own
-spacing; generation.json says so), axes in the training orientation (RAS: i left->right, j
+Geometry: voxels at the training spacing: ``data.spacing`` when training resampled to it, else the
+median voxel size of the training volumes that the export records (1 mm only for exports that
+record neither; generation.json says which), axes in the training orientation (RAS: i left->right, j
 posterior->anterior, k inferior->superior), and the origin placed so the volume's centre is at
 world (0, 0, 0) mm.
 
@@ -39,11 +40,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvae.jobs.loading import LoadedModel, load_for_inference, new_output_folder, to_real_units
+from medvae.jobs.loading import (
+    LoadedModel,
+    check_output_folder,
+    load_for_inference,
+    new_output_folder,
+    to_real_units,
+)
 
 WORLD_AXIS = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-DEFAULT_SPACING_MM = 1.0  # used when the model was trained at each file's own spacing
+DEFAULT_SPACING_MM = 1.0  # only for exports that record no training spacing at all
 MONTAGE_MAX = 64  # scans shown in montage.png
+MAX_SAMPLES = 100_000  # --num bound: sample names have room for it, and each scan is a file
 
 
 def centred_affine(shape: tuple[int, int, int], spacing: list[float], orientation: str = "RAS") -> np.ndarray:
@@ -59,6 +67,16 @@ def centred_affine(shape: tuple[int, int, int], spacing: list[float], orientatio
     return affine
 
 
+def output_spacing(preprocessing: dict) -> tuple[list[float], str]:
+    """(voxel size in mm along D, H, W, where it came from) for generated volumes."""
+    if preprocessing.get("spacing") is not None:
+        return [float(s) for s in preprocessing["spacing"]], "training spacing (data.spacing)"
+    if preprocessing.get("median_training_spacing") is not None:
+        return ([float(s) for s in preprocessing["median_training_spacing"]],
+                "median voxel size of the training volumes (trained at each file's own spacing)")
+    return [DEFAULT_SPACING_MM] * 3, "assumed: the export records no training spacing"
+
+
 def _check_shape(shape, factor: int) -> tuple[int, int, int]:
     values = tuple(int(s) for s in shape)
     if len(values) != 3 or min(values) < 1:
@@ -66,6 +84,9 @@ def _check_shape(shape, factor: int) -> tuple[int, int, int]:
     if any(s % factor for s in values):
         raise ValueError(f"--shape {' '.join(map(str, values))}: every side must be a multiple of the model's "
                          f"downsampling factor {factor}")
+    from medvae.io.volume import check_allocation
+
+    check_allocation(f"--shape {' '.join(map(str, values))}", math.prod(values) * 4 * 2, "a float32 volume this size")
     return values  # type: ignore[return-value]
 
 
@@ -138,8 +159,9 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
 
     if out_format not in ("nifti", "dicom"):
         raise ValueError(f"--format {out_format!r}: use 'nifti' or 'dicom'")
-    if num < 1 or not temperature >= 0:
-        raise ValueError(f"--num must be >= 1 and --temperature >= 0, got {num} and {temperature}")
+    if not 1 <= num <= MAX_SAMPLES or not temperature >= 0:
+        raise ValueError(f"--num must be in 1..{MAX_SAMPLES} and --temperature >= 0, got {num} and {temperature}")
+    check_output_folder(out_dir)  # before any model is loaded or latent sampled
     loaded = load_for_inference(model_dir, memory_budget=memory_budget)
     if prior == "diffusion":
         from medvae.prior.sampling import sample_diffusion_latents
@@ -148,17 +170,16 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
     else:
         latent_prior, volume_shape = _choose_prior(loaded, prior, shape)
     preprocessing = loaded.preprocessing
-    spacing = preprocessing.get("spacing")
-    spacing_note = "training spacing"
-    if spacing is None:
-        spacing, spacing_note = [DEFAULT_SPACING_MM] * 3, "assumed: the model was trained at each file's own spacing"
+    spacing, spacing_note = output_spacing(preprocessing)
     orientation = str(preprocessing.get("orientation") or "RAS")
     affine = centred_affine(volume_shape, spacing, orientation)
     modality = preprocessing.get("modality")
     units = preprocessing.get("units") or ("HU" if modality == "CT" else None)
 
     if prior != "diffusion":
-        latents = latent_prior.sample(num, torch.Generator().manual_seed(seed), temperature)  # (N, C, d, h, w), CPU
+        # Streamed: one (C, d, h, w) latent at a time from one generator, the same draws as sample(num).
+        generator = torch.Generator().manual_seed(seed)
+        latents = (latent_prior.sample(1, generator, temperature)[0] for _ in range(num))
         prior_record = {"prior_description": latent_prior.description, "latent_shape": list(latent_prior.latent_shape)}
     samples, volumes = [], []
     with new_output_folder(out_dir) as tmp:
@@ -177,7 +198,8 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
             triplanar_preview([array], [f"{name} ({prior} prior)"], tmp / f"{name}.png")
             samples.append({"index": index, "file": file, "preview": f"{name}.png",
                             "min": float(array.min()), "max": float(array.max())})
-            volumes.append(array)
+            if index < MONTAGE_MAX:  # only what the montage shows stays in memory
+                volumes.append(array)
         write_montage(volumes, [s["file"] for s in samples], tmp / "montage.png")
         record = {
             "command": "generate", "model": str(loaded.directory), "model_hash": loaded.hash,

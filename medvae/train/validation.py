@@ -20,7 +20,7 @@ def validate(model: VAE3D, val_set, accelerator: Accelerator, run_dir: Path, ste
     are on the normalised intensity scale with data range 1 (the [0, 1] presets); the first
     volume's input/reconstruction preview is written to ``run_dir/previews`` and logged.
     """
-    from medvae.tracking.preview import triplanar_preview
+    from medvae.tracking.preview import reconstruction_preview
 
     was_training = model.training
     model.eval()
@@ -40,14 +40,19 @@ def validate(model: VAE3D, val_set, accelerator: Accelerator, run_dir: Path, ste
         if use_ssim:
             ssim(recon.clamp(0, 1), x.clamp(0, 1))
         if index == 0:
-            preview_path = triplanar_preview(
-                [x[0, 0].cpu().numpy(), recon[0, 0].cpu().numpy()], ["input", "reconstruction"],
-                Path(run_dir) / "previews" / f"step_{step:06d}.png",
+            spacing = [float(s) for s in image.pixdim] if hasattr(image, "pixdim") else None  # mm, (D, H, W)
+            preview_path = reconstruction_preview(
+                x[0, 0].cpu().numpy(), recon[0, 0].cpu().numpy(), Path(run_dir) / "previews" / f"step_{step:06d}.png",
+                step=step, spacing=spacing, caption=f"held-out {item.get('id', '')}",
             )
     scores = {"val/psnr": float(psnr.aggregate().item())}
     if use_ssim:
         scores["val/ssim"] = float(ssim.aggregate().item())
     if preview_path is not None:
         tracker.image("val/preview", preview_path, step)
+    if accelerator.is_main_process:
+        ssim_text = f", SSIM {scores['val/ssim']:.3f}" if use_ssim else ""
+        print(f"medvae: step {step}: held-out PSNR {scores['val/psnr']:.2f} dB{ssim_text} "
+              f"({len(val_set)} volume{'s' if len(val_set) != 1 else ''})", flush=True)
     model.train(was_training)
     return scores
