@@ -1,7 +1,12 @@
 """The ``medvae`` command line: parse arguments, call one function, turn user errors into one line.
 
 Heavy imports (torch, MONAI, wandb) happen inside the commands so ``medvae --help`` is instant.
-Set MEDVAE_DEBUG=1 to see the full traceback of an error.
+
+The error boundary (``_run``): every known family of input error - a bad value, a missing or
+unreadable file, a damaged safetensors/NIfTI/DICOM/YAML file, a MONAI transform error (unwrapped
+to its cause), an allocation that does not fit - ends as one line
+``medvae <command>: error: <path>: <problem>`` and exit status 1. ``medvae --debug <command>`` (or
+MEDVAE_DEBUG=1) shows the full traceback instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +18,60 @@ from pathlib import Path
 
 import click
 
-# Errors a user can fix (bad file, bad value, bad config): reported in one line, exit status 1.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exception families a user can fix (bad file, bad value, bad config), imported lazily."""
+    import zlib
+
+    families: list[type[BaseException]] = [ValueError, OSError, EOFError, MemoryError, zlib.error]
+    for module, name in (("safetensors", "SafetensorError"), ("nibabel.spatialimages", "HeaderDataError"),
+                         ("nibabel.filebasedimages", "ImageFileError"), ("pydicom.errors", "InvalidDicomError"),
+                         ("pydicom.errors", "BytesLengthException"), ("yaml", "YAMLError"),
+                         ("omegaconf.errors", "OmegaConfBaseException")):
+        loaded = sys.modules.get(module)  # only families whose library is in use can have been raised
+        if loaded is not None and hasattr(loaded, name):
+            families.append(getattr(loaded, name))
+    return tuple(families)
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """MONAI re-raises a transform's error as ``RuntimeError("applying transform ...")``: take its cause."""
+    while isinstance(err, RuntimeError) and "applying transform" in str(err) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def one_line(err: BaseException) -> str:
+    """``<path>: <problem>`` on one line for a known error family."""
+    name = type(err).__name__
+    if isinstance(err, MemoryError):
+        text = f"out of memory ({err})" if str(err) else "out of memory"
+    elif isinstance(err, OSError) and getattr(err, "filename", None) and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    elif name in ("YAMLError", "ScannerError", "ParserError", "ConstructorError", "ComposerError") or (
+            "yaml" in type(err).__module__):
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}: line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(err, "problem", None) or str(err)
+        text = f"{where}: not valid YAML for medvae ({problem})"
+    elif name == "SafetensorError":
+        text = f"not a readable safetensors file ({err})"
+    elif name in ("HeaderDataError", "ImageFileError"):
+        text = f"not a readable NIfTI image ({err})"
+    elif name in ("InvalidDicomError", "BytesLengthException"):
+        text = f"not a readable DICOM file ({err})"
+    elif name == "error" and type(err).__module__ == "zlib" or isinstance(err, EOFError):
+        text = f"damaged compressed data ({err})"
+    else:
+        text = str(err) or name
+    return " ".join(text.split())
+
+
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    root = context.find_root() if context is not None else None
+    return bool(os.environ.get("MEDVAE_DEBUG")) or bool(root is not None and (root.obj or {}).get("debug"))
 
 
 def _job(module: str, issue: int):
@@ -30,14 +87,15 @@ def _job(module: str, issue: int):
 
 
 def _run(func, *args, **kwargs):
+    """Call ``func``; a known error family becomes one line on stderr and exit status 1."""
     command = click.get_current_context().info_name
     try:
         return func(*args, **kwargs)
-    except _USER_ERRORS as err:
-        if os.environ.get("MEDVAE_DEBUG"):
+    except Exception as raised:
+        err = _unwrap(raised)
+        if _debug() or not isinstance(err, _known_errors()):
             raise
-        message = " ".join(str(err).split())  # one line, whatever the exception text holds
-        click.echo(f"medvae {command}: error: {message}", err=True)
+        click.echo(f"medvae {command}: error: {one_line(err)}", err=True)
         sys.exit(1)
 
 
@@ -65,8 +123,11 @@ def _bytes(memory_gb: float | None) -> int | None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medvae3d", prog_name="medvae")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (also: MEDVAE_DEBUG=1).")
+@click.pass_context
+def cli(context: click.Context, debug: bool) -> None:
     """medvae: train and use 3D VAEs on CT and MRI volumes without the KL blowing up."""
+    context.obj = {"debug": debug}
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -42,6 +42,7 @@ from medvae.jobs.embedding_table import Row, read_table, table_format, write_tab
 from medvae.jobs.loading import Item, LoadedModel, load_for_inference, resolve_inputs
 
 FLUSH_EVERY = 256  # volumes between rewrites of the output file (a resumed run loses at most this many)
+MAX_SPATIAL_POOL = 16  # --spatial-pool N gives C * N^3 numbers per volume; larger N would upsample the latent grid
 
 
 def latent_affine(image_affine: np.ndarray, factor: int) -> np.ndarray:
@@ -105,6 +106,9 @@ def embed_one(loaded: LoadedModel, item: Item, *, sample: bool = False, seed: in
         "preprocessing": json.dumps(loaded.preprocessing, sort_keys=True),
     }
     if spatial_pool:
+        if spatial_pool > min(latent.shape[2:]):
+            raise ValueError(f"{item['image']}: --spatial-pool {spatial_pool} exceeds its latent grid "
+                             f"{'x'.join(map(str, latent.shape[2:]))}; pooling would invent cells")
         pooled = F.adaptive_avg_pool3d(latent64, spatial_pool)[0]  # (C, N, N, N)
         row["spatial_embedding"] = pooled.reshape(-1).float().cpu().numpy()
     if latents_dir is not None:
@@ -208,8 +212,8 @@ def embed(model_dir: str | os.PathLike, out_file: str | os.PathLike, inputs: lis
 
     out_file = Path(out_file)
     table_format(out_file)  # a bad suffix fails before any work
-    if spatial_pool is not None and spatial_pool < 1:
-        raise ValueError(f"--spatial-pool must be >= 1, got {spatial_pool}")
+    if spatial_pool is not None and not 1 <= spatial_pool <= MAX_SPATIAL_POOL:
+        raise ValueError(f"--spatial-pool must be in 1..{MAX_SPATIAL_POOL}, got {spatial_pool}")
     if batch_size < 1 or flush_every < 1:
         raise ValueError(f"--batch-size and flush_every must be >= 1, got {batch_size} and {flush_every}")
     latents = Path(latents_dir) if latents_dir is not None else None

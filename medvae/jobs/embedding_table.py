@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def read_table(path: str | os.PathLike) -> list[Row]:
     kind = table_format(path)
     try:
         return {"parquet": _read_parquet, "npz": _read_npz, "csv": _read_csv}[kind](path)
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, IndexError, TypeError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: cannot read it as an embeddings file ({' '.join(str(err).split())}); "
                          "move it away or choose another --out") from None
 

@@ -144,13 +144,22 @@ def resolve_inputs(inputs: list[str | os.PathLike], modality: str) -> list[Item]
     return list(unique.values())
 
 
-@contextlib.contextmanager
-def new_output_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``path`` only if the block succeeds (``path``: new or empty)."""
-    from medvae.atomic import atomic_directory
-
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """Refuse an existing ``--out`` that is a file or a non-empty folder, before any work starts."""
     final = Path(path)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise FileExistsError(f"{final}: already exists and is not an empty folder; choose a new --out")
-    with atomic_directory(final) as tmp:
+    return final
+
+
+@contextlib.contextmanager
+def new_output_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``path`` only if the block succeeds (``path``: new or empty).
+
+    If ``path`` fills up meanwhile, nothing there is touched: the error says where the finished
+    output was kept instead (``medvae.atomic``).
+    """
+    from medvae.atomic import atomic_directory
+
+    with atomic_directory(check_output_folder(path)) as tmp:
         yield tmp
