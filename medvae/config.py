@@ -108,6 +108,9 @@ class DataConfig:
         _choice("data", "nonfinite", self.nonfinite, ("reject", "repair"))
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ConfigError(f"data.patch_size: need three positive sizes, got {list(self.patch_size)}")
+        if self.spacing is not None and (len(self.spacing) != 3 or not all(0 < float(s) < float("inf")
+                                                                          for s in self.spacing)):
+            raise ConfigError(f"data.spacing: need three positive voxel sizes in mm, got {list(self.spacing)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
 

@@ -33,6 +33,7 @@ from monai.transforms import (
     DivisiblePad,
     EnsureChannelFirstd,
     EnsureTyped,
+    MapTransform,
     Orientationd,
     Padd,
     RandFlipd,
@@ -99,6 +100,36 @@ def check_patch_size(patch_size: list[int] | tuple[int, ...], downsampling_facto
         )
 
 
+def check_spacing(spacing) -> list[float]:
+    """data.spacing as three positive, finite millimetre values (ValueError naming the value otherwise)."""
+    values = [float(v) for v in spacing]
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"data.spacing {list(spacing)}: need three positive voxel sizes in mm")
+    return values
+
+
+class CheckResampledSized(MapTransform):
+    """Before resampling: refuse a target spacing that would make the volume larger than a read may
+    allocate (``medvae.io.volume.volume_byte_cap``), naming the file and the size it would have."""
+
+    def __init__(self, keys, spacing: list[float]) -> None:
+        super().__init__(keys)
+        self.spacing = np.asarray(spacing, dtype=np.float64)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medvae.io.volume import check_allocation
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            extent = np.asarray(image.shape[1:], dtype=np.float64) * np.asarray(image.pixdim, dtype=np.float64)
+            shape = np.ceil(extent / self.spacing).astype(np.int64)
+            source = image.meta.get("filename_or_obj", key)
+            check_allocation(source, int(np.prod(shape, dtype=np.float64)) * 4 * 2,
+                             f"resampling to data.spacing {self.spacing.tolist()} mm ({'x'.join(map(str, shape))} voxels)")
+        return d
+
+
 def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: int) -> Pipeline:
     """The pipeline for ``phase`` ("train", "val" or "infer") over items ``{"image": path, "id", "modality"}``.
 
@@ -118,7 +149,8 @@ def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: i
         Orientationd(KEY, axcodes=data_config.orientation, labels=RAS_LABELS),
     ]
     if data_config.spacing is not None:
-        transforms.append(Spacingd(KEY, pixdim=[float(s) for s in data_config.spacing], mode="bilinear"))
+        target = check_spacing(data_config.spacing)
+        transforms += [CheckResampledSized(KEY, target), Spacingd(KEY, pixdim=target, mode="bilinear")]
     transforms += [
         intensity_transform(data_config.intensity, KEY),
         PadWithMinimumd(KEY, padder=DivisiblePad(k=downsampling_factor)),

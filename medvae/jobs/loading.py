@@ -134,6 +134,10 @@ def resolve_inputs(inputs: list[str | os.PathLike], modality: str) -> list[Item]
     for source in inputs:
         parts = read_datalist(str(source), modality)
         items += parts["training"] + parts.get("validation", [])
+    missing = [item["image"] for item in items if not Path(item["image"]).exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: no such file or folder{more}; nothing was read")
     seen: dict[str, str] = {}
     for item in items:
         if item["id"] in seen and seen[item["id"]] != item["image"]:
