@@ -159,44 +159,57 @@ class LossConfig:
 
 @dataclass
 class GuardConfig:
+    # The divergence guard (medvae/train/guard.py) judges, on every optimizer step: non-finite values,
+    # the gradient norm before clipping, each WEIGHTED loss term with its share of the loss, the primary
+    # term (reconstruction) rising and staying up, and fp16 grad-scaler skip storms. Spikes are judged
+    # on log values against the median and MAD of the last `window` good steps.
     enabled: bool = True
-    window: int = 50  # steps in the running statistics of KL and gradient norm
-    spike_factor: float = 10.0  # a value above median * spike_factor (after warm-up) is a spike
-    min_history: int = 10  # steps of history before spikes are judged
-    kl_spike_floor: float = 1.0  # nats per latent element; a KL spike must also exceed floor * spike_factor
-    grad_spike_floor: float = 0.0  # likewise for the gradient norm (0: the median alone decides)
+    window: int = 100  # good steps in the running statistics (median and MAD of log values)
+    min_history: int = 20  # good steps of history before spikes and rises are judged
+    spike_factor: float = 10.0  # a value above spike_factor x its running median ...
+    spike_mads: float = 8.0  # ... and more than this many robust deviations (1.4826 x MAD of logs) above it is a spike
+    min_term_share: float = 0.05  # loss terms under this share of the loss are not judged (the KL of a low-beta VAE)
+    persist_steps: int = 3  # spikes on this many of the last persist_window steps: lower the LR
+    persist_window: int = 10
+    explosion_factor: float = 1000.0  # spikes this large, persisting as above: roll back instead
+    rise_window: int = 25  # steps in the recent median of the primary term (reconstruction)
+    rise_factor: float = 3.0  # recent median above rise_factor x its best level: lower the LR
+    rollback_rise_factor: float = 10.0  # ... above this factor: roll back
     scaler_skip_fraction: float = 0.5  # more fp16 steps skipped by the grad scaler than this share of window ...
-    on_scaler_skips: str = "rollback"  # ... is an event with this action (fewer skips are only recorded)
-    collapse_kl: float = 1e-3  # KL per element of a channel below this counts as collapsed
+    on_scaler_skips: str = "lower_lr"  # ... is an event with this action (fewer skips are only recorded)
+    collapse_kl: float = 1e-3  # KL per element of a channel below this counts as collapsed (recorded only)
     collapse_steps: int = 1000  # ... for this many consecutive steps
     on_nonfinite: str = "rollback"  # skip, lower_lr, rollback or abort
-    on_spike: str = "rollback"  # skip, lower_lr, rollback or abort
-    lr_factor: float = 0.5  # LR multiplier applied by lower_lr and rollback
-    max_events: int = 20  # abort after this many events ...
+    lr_factor: float = 0.5  # LR-scale multiplier applied by lower_lr and rollback
+    recover_steps: int = 50  # after this many steps without an acted-on event the LR scale is divided by lr_factor (max 1)
+    max_events: int = 20  # abort after this many steps with acted-on events ...
     event_window: int = 200  # ... within this many steps
     snapshot_every: int = 25  # steps between in-memory copies of the last good state (for rollback)
 
     def __post_init__(self) -> None:
         actions = ("skip", "lower_lr", "rollback", "abort")
         _choice("train.guard", "on_nonfinite", self.on_nonfinite, actions)
-        _choice("train.guard", "on_spike", self.on_spike, actions)
         _choice("train.guard", "on_scaler_skips", self.on_scaler_skips, actions)
-        if self.window < 1 or self.min_history < 1 or self.max_events < 1 or self.event_window < 1:
-            raise ConfigError("train.guard: window, min_history, max_events and event_window must be >= 1")
+        counts = ("window", "min_history", "persist_steps", "persist_window", "rise_window", "recover_steps",
+                  "max_events", "event_window", "snapshot_every")
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.guard.{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_history > self.window:
             raise ConfigError(f"train.guard.min_history ({self.min_history}) must not exceed window ({self.window})")
-        if self.spike_factor <= 1:
-            raise ConfigError(f"train.guard.spike_factor: must be > 1, got {self.spike_factor}")
+        if self.rise_window > self.window:
+            raise ConfigError(f"train.guard.rise_window ({self.rise_window}) must not exceed window ({self.window})")
+        if self.persist_steps > self.persist_window:
+            raise ConfigError(
+                f"train.guard.persist_steps ({self.persist_steps}) must not exceed persist_window ({self.persist_window})"
+            )
+        for name in ("spike_factor", "explosion_factor", "rise_factor", "rollback_rise_factor"):
+            if getattr(self, name) <= 1:
+                raise ConfigError(f"train.guard.{name}: must be > 1, got {getattr(self, name)}")
+        if self.spike_mads < 0 or not 0 <= self.min_term_share < 1:
+            raise ConfigError("train.guard: need spike_mads >= 0 and 0 <= min_term_share < 1")
         if not 0 < self.lr_factor <= 1:
             raise ConfigError(f"train.guard.lr_factor: must be in (0, 1], got {self.lr_factor}")
-
-
-@dataclass
-class FaultConfig:
-    # Deliberate faults for testing the guard end to end (chaos testing); all off by default.
-    nan_at_step: Optional[int] = None  # fill this step's batch with NaN voxels
-    lr_spike_at_step: Optional[int] = None  # multiply the LR at this step ...
-    lr_spike_factor: float = 1000.0  # ... by this factor
 
 
 @dataclass
@@ -220,7 +233,6 @@ class TrainConfig:
     overwrite: bool = False  # start over in a non-empty output_dir (its files are moved to previous-*)
     cpu: bool = False  # force CPU processes (gloo) even where CUDA exists
     guard: GuardConfig = field(default_factory=GuardConfig)
-    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         if self.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as false

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+FAULT_SCRIPT = Path(__file__).with_name("fault_train.py")
+
 TINY_TRAINING = [
     "model.channels=[8,16]",
     "model.norm_num_groups=4",
@@ -29,6 +31,16 @@ def run_medvae_train(cwd: Path, overrides: list[str], launcher: list[str] | None
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}
     command = (launcher or [sys.executable]) + ["-m", "medvae", "train", *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_fault_train(cwd: Path, faults: list[str], overrides: list[str], launcher: list[str] | None = None,
+                    timeout=300):
+    """Run tests/fault_train.py (training with faults installed through TrainHooks) in a fresh process;
+    it writes this rank's final weights to ``cwd / "weights"``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(FAULT_SCRIPT.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = (launcher or [sys.executable]) + [str(FAULT_SCRIPT), str(cwd / "weights"), *faults, "--", *overrides]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

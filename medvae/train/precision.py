@@ -8,6 +8,8 @@ driven the same way Accelerate drives its scaler on GPU.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from accelerate import Accelerator
 
@@ -58,6 +60,11 @@ class Precision:
             return not self._last_step_skipped
         optimizer.step()
         return not self.accelerator.optimizer_step_was_skipped
+
+    def will_skip(self, grad_norm: float, loss: float) -> bool:
+        """True when the fp16 grad scaler will skip this step: a non-finite gradient norm with a
+        finite loss is the scaler's business (it skips and lowers the scale), not divergence."""
+        return self.scaler is not None and not math.isfinite(grad_norm) and math.isfinite(loss)
 
     def close_skipped_step(self) -> None:
         """After unscale_ without a step (the guard skipped it), let the scaler start a new step."""
