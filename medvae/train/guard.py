@@ -124,6 +124,7 @@ class DivergenceGuard:
         self.lr_scale = 1.0  # multiplies the scheduled LR; lowered by lower_lr/rollback, recovers
         self._histories: dict[str, _LogHistory] = {}  # "grad_norm", "term/<name>", "primary"
         self._best_primary: float | None = None  # lowest recent median of the primary term (log)
+        self._rise_quiet_until = 0  # no rise is judged before this step (after a primary_rise event)
         self._spike_steps: deque[tuple[int, bool]] = deque()  # (step, explosive) of recent spikes
         self._acted_steps: deque[int] = deque()  # steps with an acted-on event
         self._scaler_skip_steps: deque[int] = deque()
@@ -169,7 +170,7 @@ class DivergenceGuard:
         finite = not events or all(e.kind == "scaler_skip" for e in events)
         spiked = finite and self._judge_spikes(step, loss, terms, primary_term, grad, add)
         if finite and not spiked and primary_term in terms:
-            self._judge_primary_rise(terms[primary_term], add)
+            self._judge_primary_rise(step, terms[primary_term], add)
         if kl_per_channel is not None:
             self._judge_collapse([float(v) for v in kl_per_channel], add)
 
@@ -246,10 +247,10 @@ class DivergenceGuard:
             add(kind, values, action)
         return True
 
-    def _judge_primary_rise(self, value: float, add) -> None:
+    def _judge_primary_rise(self, step: int, value: float, add) -> None:
         cfg = self.cfg
         logs = self._history("primary").logs
-        if len(logs) < max(cfg.min_history, cfg.rise_window):
+        if len(logs) < max(cfg.min_history, cfg.rise_window) or step < self._rise_quiet_until:
             return
         recent = list(logs)[-(cfg.rise_window - 1):] + [math.log(max(abs(value), TINY))]
         level = statistics.median(recent)
@@ -262,9 +263,8 @@ class DivergenceGuard:
         action = "rollback" if rise >= cfg.rollback_rise_factor else "lower_lr"
         add("primary_rise", {"recent_median": math.exp(level), "best_median": math.exp(self._best_primary),
                              "factor": rise}, action)
-        # Judge the new level afresh: the next rise_window steps rebuild the recent median.
-        self._histories["primary"].logs.clear()
-        self._best_primary = None
+        # Let the action work before judging again: the recent median then holds only later steps.
+        self._rise_quiet_until = step + cfg.rise_window
 
     def _judge_scaler_skip(self, step: int, add) -> None:
         cfg = self.cfg
@@ -327,6 +327,7 @@ class DivergenceGuard:
             "lr_scale": self.lr_scale,
             "histories": {name: list(h.logs) for name, h in self._histories.items()},
             "best_primary": self._best_primary,
+            "rise_quiet_until": self._rise_quiet_until,
             "spike_steps": [[s, e] for s, e in self._spike_steps],
             "acted_steps": list(self._acted_steps),
             "scaler_skip_steps": list(self._scaler_skip_steps),
@@ -343,6 +344,7 @@ class DivergenceGuard:
         for name, logs in state["histories"].items():
             self._history(name).logs.extend(float(v) for v in logs)
         self._best_primary = None if state["best_primary"] is None else float(state["best_primary"])
+        self._rise_quiet_until = int(state["rise_quiet_until"])
         self._spike_steps = deque((int(s), bool(e)) for s, e in state["spike_steps"])
         self._acted_steps = deque(int(s) for s in state["acted_steps"])
         self._scaler_skip_steps = deque(int(s) for s in state["scaler_skip_steps"])
