@@ -18,6 +18,12 @@ from medvae.io.volume import VolumeError, check_frame
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines that differ by less are the same plane
 SAME_POSITION_MM = 0.01  # slices closer than this along the normal sit at one position
+# Scanners round positions: a step may differ from the typical (median) step by this much and the
+# series is still one regular grid at the mean step. The rule is dcm2niix's (rordenlab/dcm2niix,
+# console/nii_dicom_batch.cpp: `isSameFloatT(dx, intersliceDistance(...), 0.2)`, 0.2 mm, before it
+# warns "Interslice distance varies in this volume"). medvae also caps it at a quarter of the step,
+# so a missing slice is always a gap, however thin the slices.
+SPACING_JITTER_MM = 0.2
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Stack:
     frame: int  # which repeat at each position (time point) was taken
     frames: int  # how many repeats each position holds
     slice_spacing: float  # mm along the normal; assumed from the thickness tags for a single slice
+    step_range: tuple[float, float] | None = None  # smallest and largest step along the normal, mm
 
 
 def stack_slices(slices: list[SliceHeader], path: str | os.PathLike, frame: int | None) -> Stack:
@@ -66,19 +73,21 @@ def stack_slices(slices: list[SliceHeader], path: str | os.PathLike, frame: int 
     chosen = [sorted(group, key=lambda s: s.time_key)[frame] for group in positions]
 
     spacing = _check_regular(path, chosen, [along(s) for s in chosen])
+    steps = np.diff([along(s) for s in chosen])
+    step_range = (round(float(steps.min()), 4), round(float(steps.max()), 4)) if len(steps) else None
     first = chosen[0]
     if len(chosen) > 1:
         step = (chosen[-1].position - first.position) / (len(chosen) - 1)
     else:
         spacing = first.slice_thickness or 1.0
         step = normal * spacing
-    _check_collinear(path, chosen, step)
+    _check_collinear(path, chosen, step, normal)
     lps = np.eye(4)
     lps[:3, 0] = orientation[:3] * first.pixel_spacing[1]  # i runs along a row: column spacing
     lps[:3, 1] = orientation[3:] * first.pixel_spacing[0]  # j runs down a column: row spacing
     lps[:3, 2] = step
     lps[:3, 3] = first.position
-    return Stack(chosen, LPS_TO_RAS @ lps, frame, frames, spacing)
+    return Stack(chosen, LPS_TO_RAS @ lps, frame, frames, spacing, step_range)
 
 
 def dicom_geometry(affine: np.ndarray, path: str | os.PathLike) -> dict:
@@ -130,7 +139,7 @@ def _check_regular(path, slices: list[SliceHeader], along: list[float]) -> float
     steps = np.diff(along)
     typical = float(np.sort(steps)[(len(steps) - 1) // 2])  # lower median: a lone gap never sets it
     worst = int(np.argmax(np.abs(steps - typical)))
-    if abs(steps[worst] - typical) > 0.005 + 0.01 * typical:
+    if abs(steps[worst] - typical) > min(SPACING_JITTER_MM, 0.25 * typical):
         a, b = slices[worst], slices[worst + 1]
         missing = steps[worst] / typical - 1 if typical > 0 else 0
         hint = f" (about {round(missing)} missing slice(s))" if missing >= 0.5 else ""
@@ -139,14 +148,16 @@ def _check_regular(path, slices: list[SliceHeader], along: list[float]) -> float
             f"irregular slice spacing: a gap of {steps[worst]:.2f} mm between slices at {_numbers(a.position, 2)} "
             f"and {_numbers(b.position, 2)} mm (LPS), where the other steps are {typical:.2f} mm{hint}",
         )
-    return float((along[-1] - along[0]) / (len(along) - 1))
+    return float((along[-1] - along[0]) / (len(along) - 1))  # the mean step
 
 
-def _check_collinear(path, slices: list[SliceHeader], step: np.ndarray) -> None:
-    """Every slice origin sits on the line first + k * step, to within a tenth of a pixel."""
+def _check_collinear(path, slices: list[SliceHeader], step: np.ndarray, normal: np.ndarray) -> None:
+    """Every slice origin sits on the line first + k * step, to within a tenth of a pixel in the
+    slice plane (positions may jitter along the normal, as ``_check_regular`` allows)."""
     tolerance = 0.01 + 0.1 * min(slices[0].pixel_spacing)
     for k, s in enumerate(slices):
-        off = float(np.linalg.norm(s.position - (slices[0].position + k * step)))
+        deviation = s.position - (slices[0].position + k * step)
+        off = float(np.linalg.norm(deviation - (deviation @ normal) * normal))
         if off > tolerance:
             raise VolumeError(
                 path, f"slice positions are not on one line: the slice at {_numbers(s.position, 2)} mm is {off:.2f} mm off it"

@@ -49,7 +49,10 @@ def read_dicom(path: Path, series: str | None, frame: int | None) -> Volume:
     check_allocation(path, len(stack.slices) * rows * columns * 4 + rows * columns * 8,
                      f"{len(stack.slices)} slices of {rows}x{columns} pixels")
     buffer = np.empty((len(stack.slices), rows, columns), dtype=np.float32)
-    _decode_into(buffer, stack.slices)
+    photometric = str(first.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    # MONOCHROME1 shows the lowest value as white: store-side inversion makes it read like MONOCHROME2.
+    invert = _inversion(first) if photometric == "MONOCHROME1" else None
+    _decode_into(buffer, stack.slices, invert)
 
     modality = str(first.get("Modality", "")) or None
     rescales = {(s.slope, s.intercept) for s in stack.slices}
@@ -65,7 +68,12 @@ def read_dicom(path: Path, series: str | None, frame: int | None) -> Volume:
         "original_dtype": f"{'int' if int(first.get('PixelRepresentation', 0)) else 'uint'}{first.get('BitsAllocated', 16)}",
         "files": [str(s.file) for s in stack.slices],
         "transfer_syntax": str(getattr(first, "file_meta", {}).get("TransferSyntaxUID", "")),
+        "slice_step_range": stack.step_range,
+        "photometric": photometric + (" (inverted to read as MONOCHROME2)" if invert is not None else ""),
     }
+    if int(first.get("NumberOfFrames", 1) or 1) > 1 and "PerFrameFunctionalGroupsSequence" not in first:
+        metadata["geometry_note"] = ("multi-frame file without per-frame positions: frames placed from "
+                                     "ImagePositionPatient and SpacingBetweenSlices/SliceThickness")
     return Volume(
         buffer.transpose(2, 1, 0),  # (K, rows, columns) -> (I, J, K): a view, not a copy
         stack.affine,
@@ -90,8 +98,18 @@ def _choose_series(path: Path, found: list, series: str | None):
     return matches[0]
 
 
-def _decode_into(buffer: np.ndarray, slices: list[SliceHeader]) -> None:
-    """Decode each slice's stored values into ``buffer[k]`` and rescale them there, in place."""
+def _inversion(ds) -> tuple[float, float]:
+    """(a, b) with inverted = a - b * stored: the largest stored value and the smallest swap places."""
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
+    if int(ds.get("PixelRepresentation", 0)):
+        return -1.0, 1.0  # signed: s -> -1 - s maps [-2^(b-1), 2^(b-1) - 1] onto itself
+    return float(2**bits - 1), 1.0
+
+
+def _decode_into(buffer: np.ndarray, slices: list[SliceHeader], invert: tuple[float, float] | None = None) -> None:
+    """Decode each slice's stored values into ``buffer[k]`` and rescale them there, in place.
+
+    ``invert`` (a, b): stored values become a - b * stored first (MONOCHROME1)."""
     by_file: dict[Path, list[tuple[int, SliceHeader]]] = {}
     for k, s in enumerate(slices):
         by_file.setdefault(s.file, []).append((k, s))
@@ -105,6 +123,8 @@ def _decode_into(buffer: np.ndarray, slices: list[SliceHeader]) -> None:
             for (k, s), pixels in zip(items, frames, strict=True):
                 if pixels.shape != buffer.shape[1:]:
                     raise VolumeError(file, f"pixel data shape {pixels.shape} does not match rows x columns {buffer.shape[1:]}")
+                if invert is not None:
+                    pixels = invert[0] - invert[1] * pixels.astype(np.float64)
                 np.multiply(pixels, np.float32(s.slope), out=buffer[k], casting="unsafe")
                 buffer[k] += np.float32(s.intercept)
         except VolumeError:
@@ -125,7 +145,7 @@ def _decode_error(file: Path, err: Exception) -> VolumeError:
         plugin = _DECODERS.get(str(syntax), "python-gdcm")
         return VolumeError(
             file,
-            f"pixel data is compressed as {syntax.name} and no installed decoder can read it: "
-            f"pip install {plugin} (or python-gdcm), e.g. pip install 'medvae3d[dicom-codecs]'",
+            f"pixel data is compressed as {syntax.name} and no installed decoder can read it "
+            f"({' '.join(str(err).split())[:200]}); medvae depends on {plugin}: reinstall it, or pip install python-gdcm",
         )
     return VolumeError(file, f"damaged pixel data ({type(err).__name__}: {err})")

@@ -85,8 +85,9 @@ def slice_headers(ds: Dataset) -> list[SliceHeader]:
     file = Path(ds.filename)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         return [_frame_header(ds, file, f) for f in range(int(ds.get("NumberOfFrames", 1)))]
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise VolumeError(file, f"multi-frame file ({ds.NumberOfFrames} frames) without per-frame geometry")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        return _frames_from_spacing(ds, file, frames)
     return [
         _header(
             file,
@@ -100,6 +101,34 @@ def slice_headers(ds: Dataset) -> list[SliceHeader]:
             intercept=ds.get("RescaleIntercept"),
             time_key=_order(ds.get("TemporalPositionIdentifier"), ds.get("AcquisitionNumber"), ds.get("InstanceNumber"), 0),
         )
+    ]
+
+
+def _frames_from_spacing(ds: Dataset, file: Path, frames: int) -> list[SliceHeader]:
+    """A multi-frame file without per-frame functional groups: frame f sits at
+    ImagePositionPatient + f * SpacingBetweenSlices (else SliceThickness) along the slice normal.
+
+    That is the geometry these files (older multi-frame MR/CT/NM exports) describe; the reader
+    records that it placed them so (``metadata["geometry_note"]``).
+    """
+    step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    try:
+        step = float(step) if step not in (None, "") else 0.0
+        first = np.array([float(v) for v in position], dtype=np.float64) if position is not None else None
+        cosines = np.array([float(v) for v in orientation], dtype=np.float64) if orientation is not None else None
+    except (TypeError, ValueError) as err:
+        raise VolumeError(file, f"malformed geometry tags ({err})") from err
+    if first is None or cosines is None or cosines.shape != (6,) or first.shape != (3,) or step == 0:
+        raise VolumeError(file, f"multi-frame file ({frames} frames) without per-frame geometry, and without "
+                                "ImagePositionPatient, ImageOrientationPatient and SpacingBetweenSlices (or "
+                                "SliceThickness) to place its frames")
+    normal = np.cross(cosines[:3], cosines[3:])
+    return [
+        _header(file, f, position=first + f * step * normal, orientation=cosines, spacing=ds.get("PixelSpacing"),
+                size=(ds.get("Rows"), ds.get("Columns")), thickness=abs(step), slope=ds.get("RescaleSlope"),
+                intercept=ds.get("RescaleIntercept"), time_key=(0, 0, f))
+        for f in range(frames)
     ]
 
 
