@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_model import one_thread  # noqa: F401 (fixture)
 
 from medvae import VAE3D
 from medvae.inference import (
@@ -29,13 +30,7 @@ SHAPE = (1, 1, 24, 40, 32)  # not a multiple of any tile the planner picks below
 FACTORS = [([8, 16], 2), ([8, 16, 16], 4), ([8, 16, 16, 16], 8)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_model(channels, attention=False, **kwargs):

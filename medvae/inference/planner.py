@@ -78,21 +78,23 @@ class Geometry:
         for step in steps:
             self.shapes.append(tuple(step.output_length(a, n) for a, n in enumerate(self.shapes[-1])))
         self.channels = [steps[0].in_channels] + [s.out_channels for s in steps]
-        self.block_of: dict[int, int] = {}  # step index inside a residual block -> its first step
+        self.block_of: dict[int, int] = {}  # step index inside a residual segment -> the step opening it
         self._extents: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
-        open_push = None
+        opened: list[int] = []  # steps whose residual segments are open (innermost last)
+        self.open_after: list[int] = []  # residual segments still open after each step
         for i, step in enumerate(steps):
-            if isinstance(step, NormStep) and step.push_skip:
-                open_push = i
-            if open_push is not None:
-                self.block_of[i] = open_push
-            if isinstance(step, ConvStep) and step.skip is not None:
-                open_push = None
+            if step.push_skip:
+                opened.append(i)
+            if opened:
+                self.block_of[i] = opened[-1]
+            for _ in range(step.closes):
+                opened.pop()
+            self.open_after.append(len(opened))
 
     def conv_workspace(self, index: int, out_edges: list[int]) -> int:
         """Bytes a convolution allocates besides its output, for an output tile of ``out_edges``.
 
-        CPU, channels-last: oneDNN directly (``steps._convolve``), measured at a fraction of the
+        CPU, channels-last: oneDNN directly (``kernels.conv3d``), measured at a fraction of the
         output. CPU, contiguous: PyTorch runs a float32 conv3d with B * C_in * D_in * H_in <= 20480
         (small tiles, 1-channel inputs) as im2col + GEMM with a column buffer of
         C_in * kernel volume * output voxels, larger ones through oneDNN with a reordered input
@@ -102,7 +104,7 @@ class Geometry:
         assert isinstance(step, ConvStep)
         b, e, c_in = self.batch, ELEMENT_BYTES, self.channels[index]
         out = b * step.out_channels * math.prod(out_edges) * e
-        if step.transposed or self.device_type != "cpu":
+        if step.upsample or self.device_type != "cpu":
             return out
         if self.channels_last:
             return out // 4
@@ -123,8 +125,7 @@ class Geometry:
         """A full tensor may be kept here: not between a residual block's input and its output."""
         if position in (0, len(self.steps)):
             return True
-        before = position - 1
-        return before not in self.block_of or (isinstance(self.steps[before], ConvStep) and self.steps[before].skip is not None)
+        return self.open_after[position - 1] == 0
 
     def axis_extents(self, stop: int, axis: int, tile: int) -> tuple[tuple[int, int], ...]:
         """For tiles of edge ``tile`` along ``axis`` of T_stop: (sum, max) of interval lengths at
@@ -169,19 +170,20 @@ class Geometry:
                 held = b * self.channels[self.block_of[i]] * largest(self.block_of[i]) * e
             if isinstance(step, ConvStep):
                 out_edges = [extents[a][i + 1][1] for a in range(3)]
-                if step.transposed:  # zero-padded coarse tile -> transposed conv -> cropped view
-                    coarse = [edge // 2 + 2 for edge in out_edges]
+                if step.upsample:  # zero-padded coarse tile -> upsampling conv -> cropped view
+                    coarse = [edge // 2 + 3 for edge in out_edges]
                     padded = b * self.channels[i] * math.prod(coarse) * e
-                    out_edges = [2 * c for c in coarse]
+                    out_edges = [2 * c - 4 for c in coarse]
                     tile_out = b * self.channels[i + 1] * math.prod(out_edges) * e
-                    upsampled = 0
+                    # sub-pixel: the phase outputs before interleaving; reference: the upsampled tile
+                    upsampled = tile_out if step.subpixel else 8 * padded
                 else:
                     k, s = step.conv.kernel_size, step.conv.stride
                     padded = b * self.channels[i] * math.prod(s[a] * (out_edges[a] - 1) + k[a] for a in range(3)) * e
                     upsampled = 8 * tile_in if step.upsample else 0
                 workspace = self.conv_workspace(i, out_edges)
                 live = held + tile_in + upsampled + padded + tile_out + workspace
-                if step.skip is not None:  # after the conv: output, cropped block input, skip output
+                if step.closes:  # after the conv: output, cropped block input, skip output
                     live = max(live, held + 3 * tile_out)
             else:
                 live = held + tile_in + tile_out
@@ -301,9 +303,9 @@ def estimate_one_pass_bytes(geometry: Geometry) -> int:
     for i, step in enumerate(geometry.steps):
         inside = i in geometry.block_of
         out = full(i + 1)
+        if step.push_skip:
+            block_input = current
         if isinstance(step, NormStep):
-            if step.push_skip:
-                block_input = current
             held = block_input if (inside and not step.push_skip) else 0
             live = held + current + 2 * out  # group_norm output, then SiLU output
             norm_input = current if inside and not step.push_skip else 0
@@ -312,11 +314,13 @@ def estimate_one_pass_bytes(geometry: Geometry) -> int:
             workspace = geometry.conv_workspace(i, list(geometry.shapes[i + 1]))
             held = block_input if inside else 0
             live = held + norm_input + current + upsampled + out + workspace
-            if step.skip is not None:
+            if step.closes:
                 live = max(live, block_input + 3 * out)
                 block_input = norm_input = 0
-        else:
+        elif isinstance(step, WholeStep):
             live = current + out + _whole_step_bytes(geometry, i)
+        else:  # pointwise ops
+            live = (block_input if inside else 0) + current + out
         if i == 0:
             live -= current  # T_0 is the caller's input
         peak = max(peak, live)

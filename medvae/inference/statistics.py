@@ -1,14 +1,16 @@
 """GroupNorm statistics of a whole volume, accumulated tile by tile.
 
-Each tile gives, per (batch, channel), its mean and centred sum of squares (two float32 passes:
-a sum, then the squares of the deviations from that mean); channels are combined into groups and
-tiles into the whole volume in float64 with Chan's parallel formula, which stays exact where a
-plain sum of squares would cancel. The result matches GroupNorm's statistics over the volume.
+Each tile gives, per (batch, channel), its mean and centred sum of squares with the reduction the
+model's own forward uses (``medvae.models.kernels.channel_moments``); channels are combined into
+groups (``kernels.merge_groups``) and tiles into the whole volume in float64 with Chan's parallel
+formula, which stays exact where a plain sum of squares would cancel.
 """
 
 from __future__ import annotations
 
 import torch
+
+from medvae.models.kernels import channel_moments, merge_groups, rstd_of, statistics_dtype
 
 
 class GroupStatistics:
@@ -26,21 +28,11 @@ class GroupStatistics:
     def add(self, tile: torch.Tensor) -> None:
         """Fold in one tile (B, C, d, h, w); tiles must not overlap and must cover the volume."""
         self.device = tile.device
-        self.dtype = torch.float64 if tile.dtype == torch.float64 else torch.float32
-        x = tile.to(self.dtype)
-        b, c = x.shape[:2]
-        voxels = x[0, 0].numel()
-        # Per channel (fast reductions over the spatial axes in either memory format).
-        channel_mean = x.sum(dim=(2, 3, 4)) / voxels
-        channel_m2 = torch.sub(x, channel_mean.view(b, c, 1, 1, 1)).square_().sum(dim=(2, 3, 4))
-        # Channels -> groups, in float64 on the CPU (not every accelerator has float64).
-        channel_mean = channel_mean.cpu().double().view(b, self.num_groups, -1)
-        channel_m2 = channel_m2.cpu().double().view(b, self.num_groups, -1)
-        mean = channel_mean.mean(-1)
-        m2 = channel_m2.sum(-1) + voxels * (channel_mean - mean[..., None]).square().sum(-1)
-        self._merge(voxels * channel_mean.shape[-1], mean, m2)
+        self.dtype = statistics_dtype(tile)
+        channel_mean, channel_m2 = channel_moments(tile)
+        self._merge(*merge_groups(channel_mean, channel_m2, tile[0, 0].numel(), self.num_groups))
 
-    def _merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def _merge(self, mean: torch.Tensor, m2: torch.Tensor, n: int) -> None:
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -55,6 +47,5 @@ class GroupStatistics:
         biased (population) one."""
         if self.mean is None:
             raise RuntimeError("no tiles were added")
-        var = self.m2 / self.count
-        rstd = torch.rsqrt(var + self.eps)
+        rstd = rstd_of(self.m2, self.count, self.eps)
         return self.mean.to(self.device, self.dtype), rstd.to(self.device, self.dtype)

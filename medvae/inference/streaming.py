@@ -16,8 +16,8 @@ import torch
 
 from medvae.inference.planner import Geometry, Plan
 from medvae.inference.statistics import GroupStatistics
-from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep, crop_view
-from medvae.models.blocks import channels_last
+from medvae.inference.steps import ConvStep, Interval, NormStep, WholeStep
+from medvae.models.kernels import channels_last
 
 Statistics = dict[int, tuple[torch.Tensor, torch.Tensor]]  # step index -> (mean, rstd), (B, groups)
 
@@ -62,17 +62,14 @@ def _run_tile(
     held: list[tuple[torch.Tensor, list[Interval]]] = []  # residual block inputs
     for i in range(start, stop):
         step = steps[i]
+        if step.push_skip:
+            held.append((tile, regions[i]))
         if isinstance(step, NormStep):
-            if step.push_skip:
-                held.append((tile, regions[i]))
-            tile = step.forward(tile, *statistics[i])
-        else:
-            assert isinstance(step, ConvStep)
-            tile = step.forward(tile, regions[i], regions[i + 1], list(shapes[i]))
-            if step.skip is not None:
-                block_input, have = held.pop()
-                tile = step.add_skip(tile, crop_view(block_input, have, regions[i + 1]))
-                del block_input
+            tile = step.run_tile(tile, held, regions[i + 1], *statistics[i])
+        elif isinstance(step, ConvStep):
+            tile = step.run_tile(tile, held, regions[i + 1], regions[i], list(shapes[i]))
+        else:  # pointwise ops only
+            tile = step.run_tile(tile, held, regions[i + 1])
     return tile
 
 
@@ -84,7 +81,7 @@ def run_plan(geometry: Geometry, plan: Plan, x: torch.Tensor, memory_format: tor
     for p in plan.passes:
         assert p.start == position, (p, position)
         if isinstance(steps[p.start], WholeStep):
-            current, position = steps[p.start].module(current), p.stop
+            current, position = steps[p.start].run_whole(current), p.stop
             continue
         gather = None
         if p.stop < len(steps) and isinstance(steps[p.stop], NormStep) and p.stop not in statistics:

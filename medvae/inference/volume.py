@@ -49,7 +49,7 @@ def model_geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torc
     ``minimum_bytes``. ``device`` (default: the model's) picks the memory model."""
     net = getattr(model, part)
     channels_last = _memory_format(model) == torch.channels_last_3d
-    steps = network_steps(net, shape[1], channels_last)
+    steps = network_steps(net, shape[1])
     device = device or next(model.parameters()).device
     return Geometry(steps, shape[0], tuple(shape[2:]), channels_last, device.type)
 

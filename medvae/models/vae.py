@@ -12,17 +12,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from medvae.models.blocks import (
-    Downsample,
-    GroupNormSiLU,
-    MidBlock,
-    ResBlock,
-    Upsample,
-    channels_last,
-    conv3d,
-    norm_silu_conv,
-    run_block,
-)
+from medvae.models.blocks import Block, Downsample, MidBlock, ResBlock, Upsample, block_ops
+from medvae.models.kernels import channels_last
+from medvae.models.ops import Activation, Conv, Norm, Op
 from medvae.models.posterior import DiagonalGaussian
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
@@ -85,7 +77,9 @@ class VAEOutput(NamedTuple):
     logvar: torch.Tensor  # (B, latent_channels, d, h, w), float32
 
 
-class EncoderLevel(nn.Module):
+class EncoderLevel(Block):
+    """Residual blocks at one resolution, then a stride-2 downsampling (except at the last level)."""
+
     def __init__(self, in_ch: int, out_ch: int, arch: VAE3DArchitecture, downsample: bool):
         super().__init__()
         self.res_blocks = nn.ModuleList(
@@ -94,8 +88,13 @@ class EncoderLevel(nn.Module):
         )
         self.downsample = Downsample(out_ch) if downsample else nn.Identity()
 
+    def ops(self) -> list[Op]:
+        return [op for block in self.res_blocks for op in block_ops(block)] + block_ops(self.downsample)
 
-class DecoderLevel(nn.Module):
+
+class DecoderLevel(Block):
+    """Residual blocks at one resolution, then a x2 upsampling (except at the last level)."""
+
     def __init__(self, in_ch: int, out_ch: int, arch: VAE3DArchitecture, upsample: bool):
         super().__init__()
         self.res_blocks = nn.ModuleList(
@@ -104,13 +103,17 @@ class DecoderLevel(nn.Module):
         )
         self.upsample = Upsample(out_ch) if upsample else nn.Identity()
 
+    def ops(self) -> list[Op]:
+        return [op for block in self.res_blocks for op in block_ops(block)] + block_ops(self.upsample)
 
-class Encoder(nn.Module):
+
+class Encoder(Block):
     """(B, in_channels, D, H, W) -> moments (B, 2 * latent_channels, D/f, H/f, W/f) in float32."""
 
     def __init__(self, arch: VAE3DArchitecture):
         super().__init__()
         self.arch = arch
+        self.checkpoint_residuals = arch.gradient_checkpointing
         ch = arch.channels
         self.conv_in = nn.Conv3d(arch.in_channels, ch[0], 3, padding=1)
         self.levels = nn.ModuleList(
@@ -121,31 +124,27 @@ class Encoder(nn.Module):
             if arch.attention
             else None
         )
-        self.norm_out = GroupNormSiLU(arch.norm_num_groups, ch[-1], arch.norm_eps, arch.recompute_norm)
+        self.norm_out = nn.GroupNorm(arch.norm_num_groups, ch[-1], eps=arch.norm_eps)
         self.conv_out = nn.Conv3d(ch[-1], 2 * arch.latent_channels, 3, padding=1)
         with torch.no_grad():
             self.conv_out.weight.mul_(MOMENTS_INIT_SCALE)
             self.conv_out.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ckpt = self.arch.gradient_checkpointing
-        h = conv3d(x, self.conv_in)
-        for level in self.levels:
-            for block in level.res_blocks:
-                h = run_block(block, h, ckpt)
-            h = level.downsample(h)
-        if self.mid is not None:
-            h = run_block(self.mid, h, ckpt)
-        # The moments are the numbers the KL sees: compute them in float32 even under autocast.
-        return norm_silu_conv(h, self.norm_out, self.conv_out, float32=True)
+    def ops(self) -> list[Op]:
+        mid = block_ops(self.mid) if self.mid is not None else []
+        levels = [op for level in self.levels for op in block_ops(level)]
+        # The moments are the numbers the KL sees: the last convolution runs in float32 even under autocast.
+        head = [Norm(self.norm_out, self.arch.recompute_norm), Activation(), Conv(self.conv_out, float32=True)]
+        return [Conv(self.conv_in), *levels, *mid, *head]
 
 
-class Decoder(nn.Module):
+class Decoder(Block):
     """(B, latent_channels, d, h, w) -> (B, out_channels, d*f, h*f, w*f); output conv in float32."""
 
     def __init__(self, arch: VAE3DArchitecture):
         super().__init__()
         self.arch = arch
+        self.checkpoint_residuals = arch.gradient_checkpointing
         ch = tuple(reversed(arch.channels))
         self.conv_in = nn.Conv3d(arch.latent_channels, ch[0], 3, padding=1)
         self.mid = (
@@ -156,20 +155,15 @@ class Decoder(nn.Module):
         self.levels = nn.ModuleList(
             DecoderLevel(ch[max(i - 1, 0)], ch[i], arch, upsample=i < len(ch) - 1) for i in range(len(ch))
         )
-        self.norm_out = GroupNormSiLU(arch.norm_num_groups, ch[-1], arch.norm_eps, arch.recompute_norm)
+        self.norm_out = nn.GroupNorm(arch.norm_num_groups, ch[-1], eps=arch.norm_eps)
         self.conv_out = nn.Conv3d(ch[-1], arch.out_channels or arch.in_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        ckpt = self.arch.gradient_checkpointing
-        h = conv3d(z, self.conv_in)
-        if self.mid is not None:
-            h = run_block(self.mid, h, ckpt)
-        for level in self.levels:
-            for block in level.res_blocks:
-                h = run_block(block, h, ckpt)
-            h = level.upsample(h)
+    def ops(self) -> list[Op]:
+        mid = block_ops(self.mid) if self.mid is not None else []
+        levels = [op for level in self.levels for op in block_ops(level)]
         # Output voxels in float32: an fp16 output layer can overflow on unnormalised intensities.
-        return norm_silu_conv(h, self.norm_out, self.conv_out, float32=True)
+        head = [Norm(self.norm_out, self.arch.recompute_norm), Activation(), Conv(self.conv_out, float32=True)]
+        return [Conv(self.conv_in), *mid, *levels, *head]
 
 
 class VAE3D(nn.Module):
