@@ -82,7 +82,8 @@ class ConditionSpec:
     """How conditions become the UNet's context vector (E numbers): [flag, one-hot modality..., log2 spacing]."""
 
     keys: list[str]  # subset of ("modality", "spacing"), in this order
-    modalities: list[str]  # the training modalities (one-hot order)
+    modalities: list[str]  # the modality vocabulary (one-hot order)
+    seen: list[str] | None = None  # the modalities of the training volumes (None: every one in the vocabulary)
 
     @property
     def size(self) -> int:
@@ -99,9 +100,10 @@ class ConditionSpec:
                                  f"give {key}=VALUE (e.g. --condition {key}={self.example(key)})")
             if key == "modality":
                 modality = str(conditions[key]).upper()
-                if modality not in self.modalities:
+                known = self.seen if self.seen is not None else self.modalities
+                if modality not in known:
                     raise ValueError(f"{where}: modality={conditions[key]} was not in the training data "
-                                     f"({', '.join(self.modalities)})")
+                                     f"({', '.join(known)})")
                 values += [float(modality == m) for m in self.modalities]
             else:
                 try:
@@ -114,10 +116,10 @@ class ConditionSpec:
         return torch.tensor(values, dtype=torch.float32)
 
     def example(self, key: str) -> str:
-        return self.modalities[0] if key == "modality" and self.modalities else "1.0"
+        return (self.seen or self.modalities)[0] if key == "modality" and self.modalities else "1.0"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "modalities": list(self.modalities), "size": self.size,
+        return {"keys": list(self.keys), "modalities": list(self.modalities), "seen": self.seen, "size": self.size,
                 "layout": "[1 (conditioned), one-hot modality, log2 native spacing mm]; all -1 = unconditioned"}
 
 
@@ -157,7 +159,8 @@ class DiffusionPrior:
         self.latent_shape = tuple(int(s) for s in config["latent_shape"])
         self.shift = torch.tensor(config["shift"], dtype=torch.float32)[:, None, None, None]
         self.scale_factor = float(config["scale_factor"])
-        self.conditions = ConditionSpec(list(config["conditions"]["keys"]), list(config["conditions"]["modalities"]))
+        described = config["conditions"]
+        self.conditions = ConditionSpec(list(described["keys"]), list(described["modalities"]), described.get("seen"))
 
     @property
     def default_sampler(self) -> str:

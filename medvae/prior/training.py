@@ -143,6 +143,7 @@ class DiffusionPriorTask(TrainingTask):
         self.train_latents = load_latents(run_dir / TRAIN_CACHE, model_hash=self.vae.hash)
         self.val_latents = load_latents(run_dir / VAL_CACHE, model_hash=self.vae.hash) if val_items else None
         self.shift, self.scale_factor = self.train_latents.scaling()
+        self.spec.seen = sorted({str(c["modality"]) for c in self.train_latents.conditions})
         self.inferer = _inferer(self.scheduler_args)
         train_set = LatentDataset(self.train_latents, self.shift, self.scale_factor, self.spec)
         val_set = (LatentDataset(self.val_latents, self.shift, self.scale_factor, self.spec)
@@ -157,7 +158,7 @@ class DiffusionPriorTask(TrainingTask):
         d = self.config.diffusion
         loss = training_loss(model, self.inferer, latents, context, d.scheduler, d.num_train_timesteps,
                              d.condition_dropout, generator, d.timestep_sampling)
-        return loss, {"terms": {"diffusion": loss}}
+        return loss, {"terms": {"diffusion": loss.detach()}}
 
     def validate(self, model, val_set, accelerator, run_dir: Path, step: int, tracker) -> dict[str, float]:
         """The diffusion loss on the held-out latents with fixed noise (comparable across steps)."""

@@ -1,0 +1,196 @@
+"""The latent diffusion prior: latent cache, training through medvae's runner (2 ranks, exact resume),
+generate --prior diffusion (reproducible, copy-checked), and refusals of bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from jobs_helpers import assert_one_line_error, make_export, write_ct_phantoms
+from medvae.cli import cli
+from medvae.export import model_hash
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+# A tiny UNet (8/16 channels, cross-attention at the lowest level) on 2 x 8^3 latents of 16^3 phantoms.
+TINY_PRIOR = ["diffusion.channels=[8,16]", "diffusion.attention_levels=[false,true]", "diffusion.norm_num_groups=4",
+              "diffusion.num_head_channels=8", "diffusion.num_res_blocks=1", "diffusion.num_train_timesteps=100",
+              "diffusion.sampling_steps=4", "latents.batch_size=2", "train.warmup_steps=1", "train.cpu=true",
+              "tracking.wandb_mode=disabled", "tracking.log_every=1"]
+
+
+def prior_overrides(data: Path, run: Path, *extra: str) -> list[str]:
+    return TINY_PRIOR + [f"latents.train={data}", f"train.output_dir={run}", *extra]
+
+
+def train_tiny_prior(model: Path, data: Path, run: Path, *extra: str):
+    from medvae.prior.training import load_prior_config, train_prior
+
+    return train_prior(load_prior_config(None, prior_overrides(data, run, *extra), str(model)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny VAE export in runs/x, 6 CT phantoms, and a prior trained 3 steps at runs/x/prior."""
+    root = tmp_path_factory.mktemp("prior")
+    model = root / "runs" / "x"
+    make_export(model / "export")
+    write_ct_phantoms(root / "ct", count=6, shape=(16, 16, 16))
+    train_tiny_prior(model, root / "ct", model / "prior", "train.max_steps=3", "train.checkpoint_every=3")
+    return root, model
+
+
+def test_latent_cache_has_provenance_scaling_and_one_grid(trained):
+    from medvae.prior.latents import load_latents
+
+    root, model = trained
+    path = model / "prior" / "latents_train.safetensors"
+    latents = load_latents(path, model_hash=model_hash(model))
+    assert latents.latents.shape == (6, 2, 8, 8, 8) and len(latents.ids) == 6
+    assert latents.provenance["model_hash"] == model_hash(model)
+    assert latents.provenance["preprocessing"]["modality"] == "CT"
+    assert "centre-crop or edge-pad" in latents.provenance["shape_policy"]
+    assert all(c["modality"] == "CT" and c["spacing"] == pytest.approx(2.0) for c in latents.conditions)
+    shift, scale = latents.scaling()
+    scaled = (latents.latents - shift[None, :, None, None, None]) * scale
+    assert abs(float(scaled.std()) - 1.0) < 1e-4 and scaled.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="another VAE"):
+        load_latents(path, model_hash="0" * 64)
+
+
+def test_prior_folder_records_provenance_and_the_copy_check(trained):
+    root, model = trained
+    export = model / "prior" / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert {p.name for p in export.iterdir()} == {"config.json", "diffusion_prior.safetensors",
+                                                   "copy_reference.safetensors"}
+    assert config["model_hash"] == model_hash(model) and config["latent_shape"] == [2, 8, 8, 8]
+    assert config["scheduler"]["kind"] == "rflow" and config["conditions"]["keys"] == ["modality", "spacing"]
+    assert config["scale_factor"] > 0 and len(config["shift"]) == 2
+    assert config["copy_check"]["threshold"] > 0 and len(config["copy_check"]["reference_distances"]) == 6
+
+
+def test_generate_diffusion_is_reproducible_and_records_sampler_seed_conditions(trained, tmp_path):
+    from medvae.jobs.generate import generate
+
+    root, model = trained
+    conditions = {"conditions": ["modality=CT", "spacing=2"]}
+    first = generate(model, 2, tmp_path / "a", seed=5, prior="diffusion", diffusion=conditions)
+    again = generate(model, 2, tmp_path / "b", seed=5, prior="diffusion", diffusion=conditions)
+    other = generate(model, 1, tmp_path / "c", seed=6, prior="diffusion", diffusion=conditions)
+    scans = [[nib.load(out / f"sample_{i:03d}.nii.gz").get_fdata() for i in range(n)]
+             for out, n in ((first, 2), (again, 2), (other, 1))]
+    np.testing.assert_array_equal(scans[0][0], scans[1][0])
+    np.testing.assert_array_equal(scans[0][1], scans[1][1])
+    assert not np.array_equal(scans[0][0], scans[2][0]) and not np.array_equal(scans[0][0], scans[0][1])
+    record = json.loads((first / "generation.json").read_text())
+    assert record["prior"] == "diffusion" and record["seed"] == 5 and record["sampler"] == "rflow"
+    assert record["sampling_steps"] == 4 and record["conditions"] == {"modality": "CT", "spacing": "2"}
+    assert record["shape"] == [16, 16, 16] and record["model_hash"] == model_hash(model)
+    assert record["prior_description"]["model_hash"] == model_hash(model)
+    assert 0.0 <= record["flagged_copy_fraction"] <= 1.0 and len(record["copy_check"]["flagged"]) == 2
+    image = nib.load(first / "sample_000.nii.gz")
+    np.testing.assert_allclose(image.header.get_zooms(), [2.0, 2.0, 2.0])
+    assert (first / "montage.png").is_file() and (first / "sample_000.png").is_file()
+
+
+def test_guidance_changes_the_samples_and_without_it_a_batch_pass_is_skipped(trained):
+    from medvae.prior.diffusion import load_diffusion_prior
+
+    root, model = trained
+    prior = load_diffusion_prior(model / "prior")
+    conditions = {"modality": "CT", "spacing": 2.0}
+    plain = prior.sample(1, seed=0, conditions=conditions)
+    guided = prior.sample(1, seed=0, conditions=conditions, guidance=3.0)
+    assert plain.shape == (1, 2, 8, 8, 8) and not torch.equal(plain, guided)
+    torch.testing.assert_close(prior.sample(1, seed=0, conditions=conditions, guidance=1.0), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["other_vae", "missing_condition", "unknown_modality", "wrong_sampler"])
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(trained, tmp_path, case):
+    root, model = trained
+    args = ["generate", "--model", str(model), "--out", str(tmp_path / "out"), "--prior", "diffusion",
+            "--condition", "modality=CT", "--condition", "spacing=2"]
+    needle = {"other_vae": "another VAE", "missing_condition": "spacing=VALUE", "unknown_modality": "modality=MR",
+              "wrong_sampler": "rflow"}[case]
+    if case == "other_vae":
+        other = make_export(tmp_path / "other" / "export", seed=1)
+        args[2] = str(other.parent)
+        args += ["--prior-dir", str(model / "prior")]
+    elif case == "missing_condition":
+        args = args[:-2]
+    elif case == "unknown_modality":
+        args[args.index("modality=CT")] = "modality=MR"
+    else:
+        args += ["--sampler", "ddim"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """The logged diffusion loss per step (the loss is its only term)."""
+    from training_helpers import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return {r["step"]: r.get("train/loss", r.get("train/term/diffusion")) for r in rows
+            if "train/loss" in r or "train/term/diffusion" in r}
+
+
+def check_resume_is_exact(root: Path, model: Path, tmp_path: Path, *extra: str) -> None:
+    """4 steps straight, and 2 + resume from the step-2 checkpoint: the same losses and exported weights."""
+    common = ("train.max_steps=4", "train.checkpoint_every=2", *extra)
+    full = train_tiny_prior(model, root / "ct", tmp_path / "full", *common)
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.run_dir / "checkpoints" / "step_000002", resumed_dir / "checkpoints" / "step_000002")
+    resumed = train_tiny_prior(model, root / "ct", resumed_dir, *common, "train.resume=auto")
+    assert resumed.step == 4
+    full_losses, resumed_losses = losses_by_step(full.run_dir), losses_by_step(resumed_dir)
+    assert sorted(resumed_losses) == [3, 4]
+    assert all(resumed_losses[s] == full_losses[s] for s in (3, 4)), (resumed_losses, full_losses)
+    exported = [load_file(str(d / "export" / "diffusion_prior.safetensors")) for d in (full.run_dir, resumed_dir)]
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def test_resume_is_exact(trained, tmp_path):
+    check_resume_is_exact(*trained, tmp_path, "train.ema_decay=null")
+
+
+@pytest.mark.xfail(strict=True, reason="the runner's checkpoints keep the EMA weights but not "
+                                       "AveragedModel.n_averaged (medvae/train/loop.py, helper B1)")
+def test_resume_with_ema_is_exact(trained, tmp_path):
+    check_resume_is_exact(*trained, tmp_path, "train.ema_decay=0.9")
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_the_prior_in_sync(trained, tmp_path):
+    root, model = trained
+    script = Path(__file__).with_name("distributed_prior.py")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(script.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    overrides = prior_overrides(root / "ct", tmp_path / "run", "train.max_steps=3", "train.checkpoint_every=3",
+                                "latents.batch_size=1", f"model={model}")
+    result = subprocess.run(LAUNCH + [str(script), str(tmp_path), *overrides], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["num_processes"] == 2 and i["backend"] == "gloo" for i in info)
+    assert info[0]["seen_ids"] != info[1]["seen_ids"] and len(info[0]["seen_ids"]) == 3
+    ranks = [load_file(str(tmp_path / f"rank_{r}.safetensors")) for r in (0, 1)]
+    initial = load_file(str(tmp_path / "initial.safetensors"))
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
+    assert sum(float((ranks[0][n] - initial[n]).abs().sum()) for n in initial) > 0, "training changed nothing"
+    assert (tmp_path / "run" / "export" / "diffusion_prior.safetensors").is_file()
