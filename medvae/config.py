@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
+from medvae.models.architecture import VAE3DArchitecture
+
 
 class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the key."""
@@ -23,24 +25,15 @@ def _choice(section: str, name: str, value: str, allowed: tuple[str, ...]) -> No
 
 
 @dataclass
-class ModelConfig:
-    in_channels: int = 1
-    out_channels: Optional[int] = None  # None: same as in_channels
-    channels: List[int] = field(default_factory=lambda: [32, 64, 64])  # width per level; 2/3/4 levels = x2/x4/x8
-    num_res_blocks: int = 1  # residual blocks per level
-    latent_channels: int = 3
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
-    attention: bool = False  # self-attention at the lowest resolution only
-    attention_heads: int = 1
-    dropout: float = 0.0  # dropout inside residual blocks (a regulariser against overfitting small sets)
-    gradient_checkpointing: bool = False  # recompute residual blocks in backward: less memory, ~30% slower
-    recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward: two fewer tensors per block
-    channels_last: bool = True  # channels_last_3d memory format (faster conv3d)
+class ModelConfig(VAE3DArchitecture):
+    """The model section: exactly VAE3D's constructor arguments. Fields, defaults and their checks
+    live in ``medvae.models.architecture.VAE3DArchitecture``; a bad value raises ConfigError here."""
 
     def __post_init__(self) -> None:
-        if not 2 <= len(self.channels) <= 4:
-            raise ConfigError(f"model.channels: need 2, 3 or 4 levels, got {list(self.channels)}")
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise ConfigError(f"model.{err}") from None
 
 
 @dataclass

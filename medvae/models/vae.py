@@ -6,12 +6,12 @@ Shapes: input (B, in_channels, D, H, W) with D, H, W divisible by ``downsampling
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from medvae.models.architecture import VAE3DArchitecture
 from medvae.models.blocks import Block, Downsample, MidBlock, ResBlock, Upsample, block_ops
 from medvae.models.kernels import channels_last
 from medvae.models.ops import Activation, Conv, Norm, Op
@@ -20,55 +20,6 @@ from medvae.models.posterior import DiagonalGaussian
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
 # posterior starts at the prior and the initial KL is near zero whatever the input scale.
 MOMENTS_INIT_SCALE = 0.01
-
-
-@dataclass
-class VAE3DArchitecture:
-    """Everything needed to rebuild a VAE3D; saved as ``config.json`` next to the weights."""
-
-    in_channels: int = 1
-    out_channels: int | None = None  # None: same as in_channels
-    channels: tuple[int, ...] = (32, 64, 64)  # feature width per level; len - 1 downsamplings
-    num_res_blocks: int = 1  # residual blocks per level, in the encoder and in the decoder
-    latent_channels: int = 3
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-6
-    attention: bool = False  # self-attention at the lowest resolution only
-    attention_heads: int = 1
-    dropout: float = 0.0  # dropout inside residual blocks
-    gradient_checkpointing: bool = False  # recompute whole residual blocks in backward
-    recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward (saves two tensors per block)
-    channels_last: bool = True  # channels_last_3d memory format: faster conv3d on CPU and GPU
-
-    def __post_init__(self) -> None:
-        self.channels = tuple(int(c) for c in self.channels)
-        if not 2 <= len(self.channels) <= 4:
-            raise ValueError(f"channels must have 2, 3 or 4 levels (downsampling 2, 4 or 8), got {self.channels}")
-        for width in self.channels:
-            if width % self.norm_num_groups:
-                raise ValueError(f"channel width {width} is not divisible by norm_num_groups {self.norm_num_groups}")
-        for name in ("in_channels", "latent_channels", "num_res_blocks", "attention_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def downsampling_factor(self) -> int:
-        return 2 ** (len(self.channels) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAE3DArchitecture":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
 
 
 class VAEOutput(NamedTuple):
