@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from medvae.atomic import atomic_file
 from medvae.config import Config, TrackingConfig, TrainConfig, to_dict
-from medvae.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from medvae.train.checkpoint import load_checkpoint, save_checkpoint
+from medvae.train.run_folder import RunFolderPlan, apply_run_folder, plan_run_folder
 from medvae.train.guard import DivergenceError, DivergenceGuard, GuardEvent, most_severe_action
 from medvae.train.ordering import EpochOrderedDataset
 from medvae.train.precision import Precision, accelerate_mixed_precision
@@ -71,8 +72,11 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
     accelerator = _accelerator(train)
     precision = Precision(accelerator, train.mixed_precision)
     run_dir = Path(train.output_dir).resolve()
-    resume_from = resolve_resume(train.resume, run_dir)  # a checkpoint folder, or None
-    _write_run_config(accelerator, run_dir, config_dict)
+    # Every rank plans, reading only: refuse a folder that is not this run's, pick the newest valid
+    # checkpoint. Only then does the main process set old files aside and write config.yaml.
+    plan = plan_run_folder(run_dir, train.resume, train.overwrite)
+    resume_from = plan.resume_from  # a checkpoint folder, or None
+    _write_run_config(accelerator, plan, config_dict)
 
     set_seed(train.seed)  # the same initial weights on every rank ...
     model = task.build_model()
@@ -220,14 +224,12 @@ def _accelerator(train: TrainConfig) -> Accelerator:
     )
 
 
-def _write_run_config(accelerator: Accelerator, run_dir: Path, config_dict: dict) -> None:
-    """Create the run folder and store the run's configuration in it (main process)."""
+def _write_run_config(accelerator: Accelerator, plan: RunFolderPlan, config_dict: dict) -> None:
+    """Prepare the planned run folder and store the run's configuration in it (main process)."""
     from omegaconf import OmegaConf
 
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(run_dir / "config.yaml") as tmp:
-            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+        apply_run_folder(plan, OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     accelerator.wait_for_everyone()
 
 
