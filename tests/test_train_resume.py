@@ -26,12 +26,22 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     for p in model.parameters():
         assert torch.isfinite(p).all()
 
-    # A second run starts from the step-3 checkpoint of the first.
+    # Training again into the finished run folder without resume is refused, and changes nothing.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = run_medvae_train(tmp_path, common + [f"train.output_dir={run}"])
+    assert again.returncode == 1 and "train.resume=auto" in again.stderr, again.stderr[-2000:]
+    assert len([line for line in again.stderr.splitlines() if "error:" in line]) == 1
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # A second run gets both checkpoints of the first, the newest one damaged: resume=auto names it
+    # and starts from step 3, before writing anything into the folder.
     resumed_dir = tmp_path / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / "step_000003", resumed_dir / "checkpoints" / "step_000003")
+    shutil.copytree(run / "checkpoints", resumed_dir / "checkpoints")
+    optimizer = resumed_dir / "checkpoints" / "step_000006" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:64])
     resumed = run_medvae_train(tmp_path, common + [f"train.output_dir={resumed_dir}", "train.resume=auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipped damaged checkpoint" in resumed.stderr and "step_000006" in resumed.stderr
 
     full_losses = losses_by_step(run)
     resumed_losses = losses_by_step(resumed_dir)
