@@ -76,3 +76,34 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
         save_model(model, tmp_path / "export", extra={"version": 2})
     assert read_export_config(tmp_path / "export")["extra"] == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+class _Marker:
+    """Unpickling this touches a file: proof that a loader unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_pickle_only_export_is_refused_without_unpickling(tmp_path):
+    save_model(_trained_looking_model(), tmp_path / "export")
+    (tmp_path / "export" / "model.safetensors").unlink()
+    marker = tmp_path / "UNPICKLED"
+    torch.save({"state_dict": _trained_looking_model().state_dict(), "hook": _Marker(str(marker))},
+               tmp_path / "export" / "model.pt")  # a real torch pickle, as `torch.save(model)` exports write
+    with pytest.raises(FileNotFoundError, match="model.pt not loaded: medvae never unpickles"):
+        load_model(tmp_path / "export")
+    assert not marker.exists()
+
+
+def test_save_model_refuses_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(FileExistsError):
+        save_model(_trained_looking_model(), tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
