@@ -28,7 +28,7 @@ def _slices_in_order(folder: Path) -> list[Path]:
 
 def _shift_along_normal(path: Path, millimetres: float) -> None:
     ds = pydicom.dcmread(path)
-    normal = np.cross(*np.reshape(np.array(ds.ImagePositionPatient and ds.ImageOrientationPatient, float), (2, 3)))
+    normal = np.cross(*np.reshape(np.array(ds.ImageOrientationPatient, float), (2, 3)))
     ds.ImagePositionPatient = [f"{v:.4f}" for v in np.array(ds.ImagePositionPatient, float) + millimetres * normal]
     ds.save_as(path)
 

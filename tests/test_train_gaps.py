@@ -7,6 +7,7 @@ Each test names the mutation it kills; the runs are tiny CPU runs in fresh proce
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -72,7 +73,7 @@ def test_accumulation_consumes_k_micro_batches_per_step_and_logs_the_effective_b
     rows = read_jsonl(base / "run" / "metrics.jsonl")
     assert [r["train/effective_batch_size"] for r in rows if "train/effective_batch_size" in r] == [2 * ACCUMULATION]
     for checkpoint in list_checkpoints(base / "run"):
-        state = __import__("json").loads((checkpoint / "trainer_state.json").read_text())
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert state["micro_batches"] == state["step"] * ACCUMULATION, state
 
 
