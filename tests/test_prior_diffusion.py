@@ -194,3 +194,19 @@ def test_two_cpu_ranks_train_the_prior_in_sync(trained, tmp_path):
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between ranks"
     assert sum(float((ranks[0][n] - initial[n]).abs().sum()) for n in initial) > 0, "training changed nothing"
     assert (tmp_path / "run" / "export" / "diffusion_prior.safetensors").is_file()
+
+
+def test_volumes_of_different_sizes_share_the_median_grid_rounded_up_for_the_unet(tmp_path):
+    from medvae.jobs.loading import load_for_inference
+    from medvae.prior.latents import encode_items
+
+    export = make_export(tmp_path / "export")
+    items = []
+    for index, shape in enumerate([(16, 16, 16), (20, 16, 12), (24, 16, 12)]):
+        path = write_ct_phantoms(tmp_path / f"v{index}", count=1, shape=shape)[0]
+        items.append({"image": str(path), "id": f"v{index}", "modality": "CT"})
+    loaded = load_for_inference(export, device="cpu")
+    latents = encode_items(loaded, items, multiple=4)
+    assert latents.provenance["original_latent_shapes"] == [[2, 8, 8, 8], [2, 10, 8, 6], [2, 12, 8, 6]]
+    assert latents.latent_shape == (2, 12, 8, 8)  # median (10, 8, 6), each side padded up to a multiple of 4
+    assert encode_items(loaded, items).latent_shape == (2, 10, 8, 6)

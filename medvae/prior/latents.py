@@ -36,7 +36,8 @@ import torch
 from medvae.prior.gaussian import common_latent_shape, crop_or_pad
 
 LATENTS_FORMAT = "medvae-latents"
-SHAPE_POLICY = "centre-crop or edge-pad every latent grid to the common shape (default: per-axis median)"
+SHAPE_POLICY = ("centre-crop or edge-pad every latent grid to the common shape (default: per-axis median, "
+                "rounded up to what the UNet divides)")
 
 
 @dataclass
@@ -76,11 +77,13 @@ def native_spacing_mm(image) -> float:
     return float(np.linalg.norm(matrix, axis=0).mean())
 
 
-def encode_items(loaded, items: list[dict[str, Any]], latent_shape: tuple[int, ...] | None = None) -> LatentSet:
+def encode_items(loaded, items: list[dict[str, Any]], latent_shape: tuple[int, ...] | None = None,
+                 multiple: int = 1) -> LatentSet:
     """Encode datalist items with a ``medvae.jobs.loading.LoadedModel`` into a LatentSet.
 
     One volume at a time through the memory-bounded encoder; only the (C, d, h, w) means are kept.
-    ``latent_shape`` (C, d, h, w): the common grid; None takes the per-axis median of these grids.
+    ``latent_shape`` (C, d, h, w): the common grid; None takes the per-axis median of these grids,
+    rounded up to a ``multiple`` (what a UNet with that total downsampling needs; the extra is padding).
     A file that cannot be read raises its one-line ValueError (nothing is zero-filled).
     """
     if not items:
@@ -94,10 +97,14 @@ def encode_items(loaded, items: list[dict[str, Any]], latent_shape: tuple[int, .
             shapes.append([int(s) for s in mean.shape])
             conditions.append({"modality": str(item.get("modality") or loaded.modality),
                                "spacing": native_spacing_mm(image)})
-    shape = tuple(latent_shape) if latent_shape is not None else common_latent_shape(shapes)
+    if latent_shape is None:
+        channels, *spatial = common_latent_shape(shapes)
+        latent_shape = (channels, *(-(-size // multiple) * multiple for size in spatial))
+    shape = tuple(int(s) for s in latent_shape)
     stacked = torch.stack([crop_or_pad(mean, shape) for mean in means])
     provenance = {"model_hash": loaded.hash, "preprocessing": loaded.preprocessing, "shape_policy": SHAPE_POLICY,
-                  "original_latent_shapes": shapes, "kind": "posterior means of whole volumes"}
+                  "latent_shape": list(shape), "original_latent_shapes": shapes,
+                  "kind": "posterior means of whole volumes"}
     return LatentSet(stacked, [str(item["id"]) for item in items], conditions, provenance)
 
 

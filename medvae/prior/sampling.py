@@ -42,7 +42,7 @@ def sample_diffusion_latents(loaded, num: int, seed: int, shape=None, prior_dir=
     from medvae.prior.quality import copy_check, nearest_distances
 
     if prior_dir is None:
-        found = [p for p in default_prior_dirs(loaded.directory) if (p / "export").is_dir() or p.is_dir()]
+        found = [p for p in default_prior_dirs(loaded.directory) if p.is_dir()]
         if not found:
             raise FileNotFoundError(f"{default_prior_dirs(loaded.directory)[0]}: no diffusion prior for this model; "
                                     "train one with `medvae train-prior --model MODEL` or give --prior-dir")

@@ -13,7 +13,6 @@ loss, and the export: the prior folder ``<run>/export`` that ``generate --prior 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -105,27 +104,16 @@ class DiffusionPriorTask(TrainingTask):
     def build_model(self) -> torch.nn.Module:
         return build_unet(self.unet_args)
 
-    def latent_grid(self, shapes: list[list[int]]) -> tuple[int, ...]:
-        """The common grid: ``latents.shape``, or the per-axis median, padded up to what the UNet divides."""
-        from medvae.prior.gaussian import common_latent_shape
-
-        multiple = 2 ** (len(self.config.diffusion.channels) - 1)
-        channels, *spatial = common_latent_shape(shapes) if self.config.latents.shape is None else (
-            shapes[0][0], *self.config.latents.shape)
-        return (channels, *(math.ceil(s / multiple) * multiple for s in spatial))
-
     def _encode(self, items: list[dict], path: Path, shape: tuple[int, ...] | None) -> LatentSet:
         """The cache at ``path`` when it holds these items from this VAE, else encode and write it."""
         if path.is_file():
             cached = load_latents(path, model_hash=self.vae.hash)
             if cached.ids == [str(i["id"]) for i in items] and (shape is None or cached.latent_shape == shape):
                 return cached
-        latents = encode_items(self.vae, items)
-        grid = shape or self.latent_grid(latents.provenance["original_latent_shapes"])
-        from medvae.prior.gaussian import crop_or_pad
-
-        latents.latents = torch.stack([crop_or_pad(z, grid) for z in latents.latents])
-        latents.provenance["latent_shape"] = list(grid)
+        if shape is None and self.config.latents.shape is not None:
+            shape = (int(self.vae.config["model"]["latent_channels"]), *self.config.latents.shape)
+        # The UNet halves the grid len(channels) - 1 times: the median grid is padded up to a multiple.
+        latents = encode_items(self.vae, items, shape, multiple=2 ** (len(self.config.diffusion.channels) - 1))
         save_latents(latents, path)
         return latents
 
