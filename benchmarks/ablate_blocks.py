@@ -2,22 +2,19 @@
 
 Every variant runs the comparison architecture (channels (32, 64, 64), latent 3, 32 groups) on a
 training step (forward, L1 + KL, backward, AdamW) in a fresh process, round-robin (order reversed
-every other round) so that machine drift hits all variants alike. Variants that are not config
-options are made by replacing one function or method of medvae in the worker process only:
+every other round) so that machine drift hits all variants alike. Variants are config options, the
+CI-visible reference switch, or one replaced kernel function of ``medvae.models.kernels`` in the
+worker process only (the op list and the executor stay as shipped):
 
   medvae               the shipped design
   monai                MONAI AutoencoderKL at the same architecture, for reference
-  no_recompute         recompute_norm=False: plain GroupNorm -> SiLU -> Conv3d autograd (keeps 3 tensors)
-  checkpoint_norm      the previous design: GroupNorm+SiLU under torch.utils.checkpoint, conv separate
-  native_gn_backward   fused node, but PyTorch's native (channels-last) GroupNorm backward kernel
-  full_size_backward   fused node, but its SiLU/GroupNorm backward in one piece, not in depth slabs
-  interpolate_upsample nearest x2 with F.interpolate, then the 3x3x3 conv on the fine grid
+  no_recompute         recompute_norm=False: Norm, Activation, Conv as plain autograd (keeps 3 tensors)
+  reference_kernels    MEDVAE_REFERENCE_KERNELS=1: F.conv3d, interpolate + conv upsampling, 1x1 conv
+                       skip, no fused norm+act+conv node (everything from torch.nn.functional)
+  interpolate_upsample only the upsampling from the reference set (F.interpolate, then the 3x3x3 conv)
+  torch_conv_dispatch  only the convolutions from the reference set (F.conv3d instead of oneDNN directly)
   contiguous           channels_last=False (default memory format)
-  torch_conv_dispatch  F.conv3d's own kernel choice (+ a layout copy) instead of calling oneDNN directly
-  conv_skip            the 1x1 skip projection as nn.Conv3d instead of a matrix product
-  out_of_place_add     residual add as h + skip(x) instead of in place
-  autocast_heads       moments and output convs in the autocast dtype instead of float32
-  block_checkpoint     gradient_checkpointing=True (recompute whole residual blocks)
+  block_checkpoint     gradient_checkpointing=True (recompute every residual segment)
 
     python benchmarks/ablate_blocks.py --size 64 --modes fp32 bf16 --rounds 2 --repeats 3
 """
@@ -41,15 +38,10 @@ VARIANTS = (
     "medvae",
     "monai",
     "no_recompute",
-    "checkpoint_norm",
-    "native_gn_backward",
-    "full_size_backward",
+    "reference_kernels",
     "interpolate_upsample",
-    "contiguous",
     "torch_conv_dispatch",
-    "conv_skip",
-    "out_of_place_add",
-    "autocast_heads",
+    "contiguous",
     "block_checkpoint",
 )
 OPTIONS = {
@@ -60,56 +52,24 @@ OPTIONS = {
 
 
 def apply_variant(variant: str) -> None:
-    """Patch medvae in this process so that it runs ``variant``."""
-    import torch
+    """Switch medvae in this process to ``variant`` (see the module docstring)."""
+    import os
+
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
-    from medvae.models import blocks, vae
+    from medvae.models import kernels
 
-    fused = blocks.norm_silu_conv
-    if variant == "checkpoint_norm":
-
-        def checkpointed(x, norm, conv, float32=False):
-            if torch.is_grad_enabled() and x.requires_grad:
-                h = checkpoint(blocks._group_norm_silu, x, norm.num_groups, norm.weight, norm.bias, norm.eps, use_reentrant=False)
-            else:
-                h = norm(x)
-            if float32:
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    return blocks.conv3d(h.float(), conv)
-            return blocks.conv3d(h, conv)
-
-        blocks.norm_silu_conv = vae.norm_silu_conv = checkpointed
-    elif variant == "native_gn_backward":
-
-        def native(grad, x, mean, rstd, weight, bias, groups):
-            b, c = x.shape[:2]
-            t = blocks._group_norm_from_stats(x, mean, rstd, weight, bias, out=torch.empty_like(grad))
-            g = torch.ops.aten.silu_backward(grad, t).to(x.dtype)
-            return torch.ops.aten.native_group_norm_backward(g, x, mean, rstd, weight, b, c, x[0, 0].numel(), groups, [True] * 3)
-
-        blocks._silu_group_norm_backward = native
-    elif variant == "full_size_backward":
-        blocks._slabs = lambda x: [slice(0, x.shape[2])]
-    elif variant == "torch_conv_dispatch":
-        blocks._conv = lambda x, w, b, stride, padding: F.conv3d(x, w, b, stride, padding).contiguous(
-            memory_format=blocks._suggested_format(x)
-        )
-    elif variant == "conv_skip":
-        blocks.pointwise_conv = lambda x, conv: blocks.conv3d(x, conv)
+    if variant == "reference_kernels":
+        os.environ["MEDVAE_REFERENCE_KERNELS"] = "1"
     elif variant == "interpolate_upsample":
-        blocks.Upsample.forward = lambda self, x: blocks.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), self.conv)
-    elif variant == "out_of_place_add":
+        def upsample_conv(x, weight, bias, padding):
+            if padding:
+                x = F.pad(x, [1] * 6)
+            return F.conv3d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias)[:, :, 1:-1, 1:-1, 1:-1]
 
-        def forward(self, x):
-            h = blocks.norm_silu_conv(x, self.norm1, self.conv1)
-            h = blocks.norm_silu_conv(h, self.norm2, self.conv2)
-            return h + (blocks.pointwise_conv(x, self.skip) if isinstance(self.skip, torch.nn.Conv3d) else x)
-
-        blocks.ResBlock.forward = forward
-    elif variant == "autocast_heads":
-        vae.norm_silu_conv = lambda x, norm, conv, float32=False: fused(x, norm, conv, False)
+        kernels.upsample_conv = upsample_conv
+    elif variant == "torch_conv_dispatch":
+        kernels.conv3d = lambda x, weight, bias, stride, padding: F.conv3d(x, weight, bias, stride, padding)
     elif variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 

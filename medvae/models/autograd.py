@@ -19,15 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medvae.models.kernels import (
-    conv3d,
-    group_statistics,
-    norm_dtype,
-    normalize,
-    per_channel,
-    slabs,
-    suggested_format,
-)
+from medvae.models import kernels
+from medvae.models.kernels import norm_dtype, normalize, per_channel, slabs, suggested_format
 
 
 def _activation(x, norm_weight, norm_bias, mean, rstd, conv_dtype):
@@ -42,10 +35,10 @@ class NormSiLUConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, conv_weight, conv_bias, groups, eps, stride, padding, conv_dtype):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            mean, rstd = group_statistics(x, groups, eps)
+            mean, rstd = kernels.group_statistics(x, groups, eps)
             activation = _activation(x, norm_weight, norm_bias, mean, rstd, conv_dtype)
             bias = None if conv_bias is None else conv_bias.to(conv_dtype)
-            y = conv3d(activation, conv_weight.to(conv_dtype), bias, stride, padding)
+            y = kernels.conv3d(activation, conv_weight.to(conv_dtype), bias, stride, padding)
         ctx.save_for_backward(x, norm_weight, norm_bias, conv_weight, mean, rstd)
         ctx.groups, ctx.stride, ctx.padding, ctx.conv_dtype = groups, stride, padding, conv_dtype
         ctx.has_bias = conv_bias is not None
