@@ -9,6 +9,7 @@ optimizer steps applied, max KL per volume, guard events.
     python benchmarks/torture.py                       # full grid, 2 seeds, 30 steps (GPU if present)
     python benchmarks/torture.py --quick               # fp32/bf16 only, 1 seed, 10 steps
     python benchmarks/torture.py --json benchmarks/out/torture.json
+    python benchmarks/torture.py --precisions fp32 bf16 --seeds 1 --crop 16   # what a shared 2-core CPU affords
 
 "Naive" is MONAI's AutoencoderKL with L1 + kl_weight * KL, Adam, plain autocast (fp16 without a
 grad scaler), no clipping, no annealing (benchmarks/naive_loop.py). "medvae" is `medvae train`
@@ -35,7 +36,8 @@ from naive_loop import naive_monai_run  # noqa: E402
 from real_volumes import mni_crops, to_hounsfield_scale, write_nifti_folder  # noqa: E402
 
 
-def medvae_run(folder: Path, out: Path, *, steps: int, lr: float, kl_weight: float, precision: str, seed: int) -> dict:
+def medvae_run(folder: Path, out: Path, *, steps: int, lr: float, kl_weight: float, precision: str, seed: int,
+               crop: int = 32) -> dict:
     from accelerate.state import AcceleratorState
 
     from medvae.config import load_config
@@ -43,7 +45,7 @@ def medvae_run(folder: Path, out: Path, *, steps: int, lr: float, kl_weight: flo
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one process, many runs
     config = load_config(None, [
-        f"data.train={folder}", "data.val_fraction=0", "data.patch_size=[32,32,32]", "data.batch_size=1",
+        f"data.train={folder}", "data.val_fraction=0", f"data.patch_size=[{crop},{crop},{crop}]", "data.batch_size=1",
         "data.intensity.preset=none", "data.modality=CT", "data.augment.intensity_prob=0.0",
         f"train.output_dir={out}", f"train.max_steps={steps}", f"train.lr={lr}", "train.warmup_steps=5",
         f"train.mixed_precision={precision}", f"train.seed={seed}", "train.val_every=0",
@@ -62,6 +64,7 @@ def medvae_run(folder: Path, out: Path, *, steps: int, lr: float, kl_weight: flo
         "steps_applied": int(sum(r["train/step_applied"] for r in rows)),
         "max_kl": max((k for k in kls if math.isfinite(k)), default=float("nan")),
         "events": len(events),
+        "acted_on": sum(e["action"] != "record" for e in events),
         "event_kinds": sorted({e["kind"] for e in events}),
         "final_loss": rows[-1]["train/loss"],
     }
@@ -89,13 +92,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16", "fp32"])
     parser.add_argument("--quick", action="store_true", help="fp32 and bf16, 1 seed, 10 steps")
+    parser.add_argument("--crop", type=int, default=32, help="crop side in voxels (16 fits a shared CPU)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2])
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "torture.json")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps, args.precisions = 1, 10, ["bf16", "fp32"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    normalised = [torch.from_numpy(c) for c in mni_crops(4, 32, seed=0)]
+    normalised = [torch.from_numpy(c) for c in mni_crops(4, args.crop, seed=0)]
     hounsfield = [torch.from_numpy(to_hounsfield_scale(c.numpy())) for c in normalised]
     work = Path(tempfile.mkdtemp(prefix="medvae-torture-"))
     folders = {"HU": write_nifti_folder([c.numpy() for c in hounsfield], work / "hu"),
@@ -103,7 +108,7 @@ def main() -> None:
     crops = {"HU": hounsfield, "norm": normalised}
 
     results = []
-    grid = list(itertools.product(args.precisions, [1e-3, 1e-2], ["HU", "norm"], [1.0, 1e-6]))
+    grid = list(itertools.product(args.precisions, args.lrs, ["HU", "norm"], [1.0, 1e-6]))
     for index, (precision, lr, data, kl_weight) in enumerate(grid):
         for seed in range(args.seeds):
             order = ["naive", "medvae"] if (index + seed) % 2 == 0 else ["medvae", "naive"]  # alternate
@@ -114,14 +119,14 @@ def main() -> None:
                                     seed=seed, device=device)
                 else:
                     row = medvae_run(folders[data], work / f"run-{index}-{seed}", steps=args.steps, lr=lr,
-                                     kl_weight=kl_weight, precision=precision, seed=seed)
+                                     kl_weight=kl_weight, precision=precision, seed=seed, crop=args.crop)
                 row.update(system=system, precision=precision, lr=lr, input=data, kl_weight=kl_weight, seed=seed,
                            seconds=round(time.perf_counter() - started, 1))
                 results.append(row)
                 print(json.dumps(row), flush=True)
 
     print(f"\n| precision | lr | input | KL weight | system | runs | NaN rate | steps applied (median of {args.steps}) "
-          "| max KL per volume (median) | guard events (total) |")
+          "| max KL per volume (median) | guard events (total, acted-on) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for precision, lr, data, kl_weight in grid:
         for system in ("naive", "medvae"):
@@ -131,7 +136,8 @@ def main() -> None:
             kls = [r["max_kl"] for r in rows if math.isfinite(r["max_kl"])]
             print(f"| {precision} | {lr:g} | {data} | {kl_weight:g} | {system} | {len(rows)} | {nan_rate:.0%} | "
                   f"{statistics.median(r['steps_applied'] for r in rows):g} | "
-                  f"{statistics.median(kls) if kls else float('nan'):.3g} | {sum(r['events'] for r in rows)} |")
+                  f"{statistics.median(kls) if kls else float('nan'):.3g} | {sum(r['events'] for r in rows)}, "
+                  f"{sum(r.get('acted_on', 0) for r in rows)} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": device, "steps": args.steps, "seeds": args.seeds,
                                      "torch": torch.__version__, "results": results}, indent=1))

@@ -90,12 +90,14 @@ def test_crop_to_crop_variation_of_real_size_raises_no_event():
     assert acted == []
 
 
-def test_a_low_beta_kl_that_grows_a_millionfold_is_not_judged():
-    """The issue's false alarm: the raw KL grows from 0.03 to 67 nats per element while beta is 1e-7;
-    its weighted term stays a tiny share of the loss, so the guard must not act."""
+def test_a_low_beta_kl_that_grows_and_jumps_is_not_judged():
+    """The issue's false alarm: while beta is 1e-7 the raw KL per element grows from 0.03 to a few
+    nats and jumps to 67 on some crops (21 "kl_spike" rollbacks in 95 steps). Its weighted term stays
+    a tiny share of the loss, so the guard must not act."""
     guard = DivergenceGuard(GuardConfig())
+    rng = random.Random(0)
     for step in range(300):
-        raw_kl = 0.03 * (67 / 0.03) ** (step / 299)
+        raw_kl = 0.03 * (2 / 0.03) ** (step / 299) * (30 if rng.random() < 0.1 else 1)  # nats per element
         assert judge(guard, step, rec=0.2, kl=1e-7 * raw_kl * 1000) == []  # x1000: KL per volume / voxels
 
 
