@@ -48,3 +48,19 @@ def test_nan_batch_and_lr_spike_are_caught_recovered_and_recorded(tmp_path):
     assert "guard/nonfinite_loss" in keys and "guard/events_total" in keys
     titles = [title + " " + text for title, text in alerts(records)]
     assert any("nonfinite_loss" in title for title in titles)
+
+
+def test_the_lr_back_off_recovers_in_a_real_run(tmp_path):
+    write_phantoms(tmp_path / "data", count=5)
+    run = tmp_path / "run"
+    result = run_fault_train(tmp_path, ["--nan-at", "2"], TINY_TRAINING + [
+        f"data.train={tmp_path / 'data'}", f"train.output_dir={run}", "train.max_steps=9", "train.val_every=0",
+        "train.checkpoint_every=100", "train.guard.recover_steps=3", "tracking.wandb_mode=disabled",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train/lr_scale" in r]
+    # step 2 (row 3) rolled back and halved the LR; three good steps later it is whole again
+    assert [r["train/lr_scale"] for r in rows] == [1.0, 1.0, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
+    assert [r["train/step_applied"] for r in rows] == [1.0, 1.0, 0.0] + [1.0] * 6
+    recovered = [e for e in read_jsonl(run / "events.jsonl") if e["kind"] == "lr_recovered"]
+    assert [(e["step"], e["action"], e["values"]["lr_scale"]) for e in recovered] == [(5, "record", 1.0)]
