@@ -39,7 +39,8 @@ def test_model_section_matches_the_architecture():
 
 
 def test_dotted_overrides():
-    config = load_config(None, ["train.lr=3e-4", "model.channels=[16,32]", "loss.kl_schedule=cyclical"])
+    config = load_config(None, ["train.lr=3e-4", "model.channels=[16,32]", "model.norm_num_groups=8",
+                                "loss.kl_schedule=cyclical"])
     assert config.train.lr == pytest.approx(3e-4)
     assert config.model.channels == [16, 32]
     assert config.loss.kl_schedule == "cyclical"
@@ -82,3 +83,23 @@ def test_bare_no_for_mixed_precision_means_no(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  mixed_precision: no\n")
     assert load_config(path).train.mixed_precision == "no"
+
+
+def test_defaults_are_the_benchmarked_recipe():
+    """benchmarks/recipe.json holds the recipe benchmarks/convergence.py measured (RESULTS.md quotes the run);
+    the schema's defaults must be exactly that recipe, knob by knob."""
+    import json
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = json.loads((root / "benchmarks" / "recipe.json").read_text())
+    defaults = to_dict(Config())
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from convergence import RECIPE_KEYS  # the knobs the ablation varies
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    assert sorted(recorded["recipe"]) == sorted(RECIPE_KEYS)
+    for key, value in recorded["recipe"].items():
+        section, name = key.split(".")
+        assert defaults[section][name] == value, f"default {key}={defaults[section][name]!r}, benchmarked {value!r}"

@@ -41,3 +41,16 @@ def test_data_train_demo_builds_datasets(demo_dir, tmp_path):
     assert len(val) == 1 and val[0]["id"] == "t1_individual"
     assert tuple(train[0]["image"].shape) == (1, 32, 32, 32)
     assert preprocessing["intensity"]["num_volumes"] == len(train)
+
+
+def test_demo_config_sets_the_spacing_of_its_volumes(demo_dir, tmp_path):
+    """configs/demo.yaml trains at the demo volumes' 2 mm, so generate writes 2 mm samples."""
+    from pathlib import Path
+
+    from medvae.config import load_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                         [f"train.output_dir={tmp_path}"])
+    assert config.data.spacing == [2.0, 2.0, 2.0]
+    _, _, preprocessing = build_datasets(config, 2, run_dir=tmp_path, cache_dir=demo_dir)
+    assert preprocessing["spacing"] == preprocessing["median_training_spacing"] == [2.0, 2.0, 2.0]
