@@ -48,7 +48,7 @@ def medvae_run(folder: Path, out: Path, *, steps: int, lr: float, kl_weight: flo
         f"data.train={folder}", "data.val_fraction=0", f"data.patch_size=[{crop},{crop},{crop}]", "data.batch_size=1",
         "data.intensity.preset=none", "data.modality=CT", "data.augment.intensity_prob=0.0",
         f"train.output_dir={out}", f"train.max_steps={steps}", f"train.lr={lr}", "train.warmup_steps=5",
-        f"train.mixed_precision={precision}", f"train.seed={seed}", "train.val_every=0",
+        f"train.mixed_precision={'no' if precision == 'fp32' else precision}", f"train.seed={seed}", "train.val_every=0",
         f"train.checkpoint_every={steps}", "loss.kl_schedule=constant", f"loss.kl_weight={kl_weight}",
         "tracking.wandb_mode=disabled", "tracking.log_every=1",
     ])
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fp32 and bf16, 1 seed, 10 steps")
     parser.add_argument("--crop", type=int, default=32, help="crop side in voxels (16 fits a shared CPU)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-2])
+    parser.add_argument("--systems", nargs="+", default=["naive", "medvae"], choices=("naive", "medvae"))
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "torture.json")
     args = parser.parse_args()
     if args.quick:
@@ -112,6 +113,7 @@ def main() -> None:
     for index, (precision, lr, data, kl_weight) in enumerate(grid):
         for seed in range(args.seeds):
             order = ["naive", "medvae"] if (index + seed) % 2 == 0 else ["medvae", "naive"]  # alternate
+            order = [system for system in order if system in args.systems]
             for system in order:
                 started = time.perf_counter()
                 if system == "naive":
@@ -129,7 +131,7 @@ def main() -> None:
           "| max KL per volume (median) | guard events (total, acted-on) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for precision, lr, data, kl_weight in grid:
-        for system in ("naive", "medvae"):
+        for system in args.systems:
             rows = [r for r in results if (r["precision"], r["lr"], r["input"], r["kl_weight"], r["system"])
                     == (precision, lr, data, kl_weight, system)]
             nan_rate = sum(r["diverged"] for r in rows) / len(rows)
