@@ -158,7 +158,6 @@ def main() -> None:
     from medvae.jobs.loading import load_for_inference
     from medvae.prior.diffusion import load_diffusion_prior
 
-    torch.set_num_threads(2)
     loaded = load_for_inference(run, device="cpu")
     volume_shape = [s * loaded.factor for s in load_diffusion_prior(work / "prior_rflow").latent_shape[1:]]
     rows = [("N(0, I)", "standard", {}),
@@ -192,6 +191,8 @@ def main() -> None:
                         "nearest_training_distance": report["copy_check"]["nearest_training_distance"],
                         "copy_threshold": report["copy_check"]["threshold"]})
         print(f"{label}: done in {seconds:.2f} s/volume", flush=True)
+        if args.json:  # partial results survive an interrupted run
+            args.json.write_text(json.dumps({"partial": True, "results": results}, indent=2) + "\n")
     floor = evaluate_sets(loaded, heldout_set, train_set, None)
     results.append({"row": "held-out real (floor)", "seconds_per_volume": None, "vs_train": floor["samples_vs_train"],
                     "vs_heldout": None, "flagged_copy_fraction": None,
