@@ -162,7 +162,7 @@ class GuardConfig:
     spike_factor: float = 10.0  # a value above spike_factor x its running median ...
     spike_mads: float = 8.0  # ... and more than this many robust deviations (1.4826 x MAD of logs) above it is a spike
     min_term_share: float = 0.05  # loss terms under this share of the loss are not judged (the KL of a low-beta VAE)
-    persist_steps: int = 3  # spikes on this many of the last persist_window steps: lower the LR
+    persist_steps: int = 3  # spikes on this many of the last persist_window steps: lower the LR (consecutive: roll back)
     persist_window: int = 10
     explosion_factor: float = 1000.0  # spikes this large, persisting as above: roll back instead
     rise_window: int = 25  # steps in the recent median of the primary term (reconstruction)

@@ -62,19 +62,24 @@ def test_a_single_grad_spike_skips_the_step_and_stays_out_of_the_history():
     assert judge(guard, 31, grad=1.0) == []  # the bar did not move
 
 
-def test_persistent_spikes_lower_the_lr_then_roll_back():
+def test_recurring_spikes_lower_the_lr_and_consecutive_ones_roll_back():
     guard = DivergenceGuard(GuardConfig(persist_steps=3, persist_window=10))
     stable_history(guard)
-    actions = [most_severe_action(judge(guard, 30 + i, grad=50.0)) for i in range(6)]
-    assert actions == ["skip", "skip", "lower_lr", "lower_lr", "lower_lr", "rollback"]
-    assert guard.lr_scale == pytest.approx(0.5 ** 4)
+    actions = [most_severe_action(judge(guard, step, grad=50.0 if step % 2 == 0 else 1.0)) for step in range(30, 36)]
+    assert actions == ["skip", "record", "skip", "record", "lower_lr", "record"]  # bad batches, steps in between
+    assert guard.lr_scale == 0.5
+
+    stuck = DivergenceGuard(GuardConfig(persist_steps=3, persist_window=10))
+    stable_history(stuck)
+    actions = [most_severe_action(judge(stuck, 30 + i, grad=50.0)) for i in range(3)]
+    assert actions == ["skip", "skip", "rollback"]  # the same weights spike three times: they are bad
 
 
-def test_persistent_explosions_roll_back_at_once():
+def test_recurring_explosions_roll_back():
     guard = DivergenceGuard(GuardConfig(persist_steps=3, explosion_factor=1000.0))
     stable_history(guard)
-    actions = [most_severe_action(judge(guard, 30 + i, grad=1e5)) for i in range(3)]
-    assert actions == ["skip", "skip", "rollback"]
+    actions = [most_severe_action(judge(guard, step, grad=1e5 if step % 2 == 0 else 1.0)) for step in range(30, 35)]
+    assert actions == ["skip", "record", "skip", "record", "rollback"]  # recurring and 1e5x: not just a batch
 
 
 def test_crop_to_crop_variation_of_real_size_raises_no_event():

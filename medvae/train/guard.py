@@ -9,9 +9,10 @@ It judges what can hurt a run, never what merely changes while a model learns:
     grad_spike           pre-clip gradient norm above spike_factor x its     skip; lower_lr when spikes
                          running median (and spike_mads robust deviations)   persist (persist_steps of the
     term_spike           a WEIGHTED loss term likewise, judged only while    last persist_window steps);
-                         it is at least min_term_share of the loss           rollback when they persist
-                                                                             above explosion_factor x median,
-                                                                             or on 2 x persist_steps steps
+                         it is at least min_term_share of the loss           rollback when they come on
+                                                                             persist_steps consecutive steps
+                                                                             (the weights, not a batch) or
+                                                                             persist above explosion_factor
     primary_rise         the primary term's (reconstruction) median over     lower_lr (rollback above
                          the last rise_window steps above rise_factor x      rollback_rise_factor)
                          the best such median seen
@@ -231,8 +232,11 @@ class DivergenceGuard:
         spikes.append((step, explosive))
         while spikes and spikes[0][0] <= step - cfg.persist_window:
             spikes.popleft()
-        # Spikes that persist while steps are skipped come from the weights, not from a batch.
-        if sum(e for _, e in spikes) >= cfg.persist_steps or len(spikes) >= 2 * cfg.persist_steps:
+        # Spikes on consecutive steps saw the same weights (skipped steps change nothing): the weights
+        # are bad, not a batch. Roll back to weights that were judged healthy.
+        last = list(spikes)[-cfg.persist_steps:]
+        consecutive = len(last) == cfg.persist_steps and last[-1][0] - last[0][0] == cfg.persist_steps - 1
+        if consecutive or sum(e for _, e in spikes) >= cfg.persist_steps:
             action = "rollback"
         elif len(spikes) >= cfg.persist_steps:
             action = "lower_lr"

@@ -127,12 +127,10 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
         events = guard.check(step=step, grad_norm=grad_norm, primary_term=task.primary_term,
                              step_skipped_by_scaler=precision.will_skip(grad_norm, judged["loss"]), **judged)
         _report(events, batch, tracker)  # events.jsonl, wandb metrics + alert, console; raises on abort
-        applied = update.carry_out(most_severe_action(events))
+        applied = update.carry_out(most_severe_action(events), snapshot=step % train.guard.snapshot_every == 0)
         task.after_optimizer_step(model, batch, applied, step)
 
         state["step"] = step + 1
-        if applied and state["step"] % train.guard.snapshot_every == 0:  # a good state to roll back to
-            update.snapshot.take(unwrapped, optimizer)
         progress.update(1)
         done = state["step"] >= train.max_steps
         if state["step"] % tracking.log_every == 0 or done:
@@ -195,10 +193,17 @@ class _Update:
         self.optimizer, self.precision, self.model, self.ema = optimizer, precision, model, ema
         self.snapshot = _Snapshot(model, optimizer)
 
-    def carry_out(self, action: str) -> bool:
+    def carry_out(self, action: str, snapshot: bool = False) -> bool:
         """"record": step (and update EMA); "skip"/"lower_lr": drop the gradients (the guard has
-        lowered its LR scale); "rollback": also restore the last snapshot. True if the step was applied."""
+        lowered its LR scale); "rollback": also restore the last snapshot. True if the step was applied.
+
+        ``snapshot``: on a "record" step, first copy the weights this step was judged on. They gave
+        a healthy loss and gradient; the weights after the update have not been judged yet (a bad
+        update shows only in the next step's forward), so they are never what a rollback restores.
+        """
         if action == "record":
+            if snapshot:
+                self.snapshot.take(self.model, self.optimizer)
             applied = self.precision.step(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             if applied and self.ema is not None:
