@@ -206,6 +206,24 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_plan_flops(sizes: list[int], budgets: dict[int, float]) -> None:
+    """Planned conv flops of the bounded encode/decode over those of one pass, per size and budget."""
+    from medvae.inference import model_geometry
+    from medvae.inference.planner import plan_volume
+
+    model = build_model()
+    f = model.downsampling_factor
+    print("| size | budget GiB | encode plan / one pass | decode plan / one pass |\n|---|---|---|---|")
+    for size in sizes:
+        ratios = []
+        for part, shape in (("encoder", (1, 1, size, size, size)), ("decoder", (1, 3, size // f, size // f, size // f))):
+            g = model_geometry(model, part, shape, torch.device("cpu"))
+            one = sum(step.flops_per_output_voxel(g.channels[g.block_of[i]] if i in g.block_of else 0) * math.prod(g.shapes[i + 1])
+                      for i, step in enumerate(g.steps))
+            ratios.append(plan_volume(g, budgets[size] * GIB, allow_one_pass=False).flops / one)
+        print(f"| {size}³ | {budgets[size]:g} | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
@@ -221,9 +239,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--out", type=Path, default=OUT / "inference_memory.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--plan-flops", action="store_true", help="only print the planner's conv flops vs one pass (seconds)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return
+    if args.plan_flops:
+        print_plan_flops(args.sizes, {int(k): float(v) for k, v in (b.split(":") for b in args.budgets)})
         return
 
     from medvae.atomic import atomic_file
