@@ -155,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # a cut run still shows what it found
     rng = random.Random(args.seed)
     sys.path.insert(0, str(ROOT))
     work = Path(tempfile.mkdtemp(prefix="medvae-crash-"))
