@@ -133,6 +133,7 @@ def test_group_statistics_and_normalize_match_float64(dtype):
 def test_bf16_autocast_works_when_onednn_reports_no_bf16(monkeypatch):
     """With the capability check answering "no bf16" (as on an AVX2-only CPU), training steps and
     whole-volume encode/decode run under CPU bf16 autocast and stay close to float32."""
+    monkeypatch.delenv("MEDVAE_REFERENCE_KERNELS", raising=False)  # this test is about the capability answer
     monkeypatch.setattr(capability, "_onednn_dtype_supported", lambda dtype: dtype == torch.float32)
     assert not capability.onednn_convolution_ok(torch.bfloat16) and capability.onednn_convolution_ok(torch.float32)
     model = perturbed(VAE3D(channels=[8, 16], norm_num_groups=4, latent_channels=2))

@@ -21,7 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from medvae.inference.steps import ConvStep, NormStep, Step, WholeStep
+from medvae.models.capability import onednn_convolution_ok
 
 ELEMENT_BYTES = 4
 # Python and launch overhead of running one step on one tile, in conv-flop equivalents (about 0.1 ms
@@ -95,7 +98,7 @@ class Geometry:
         """Bytes a convolution allocates besides its output, for an output tile of ``out_edges``.
 
         CPU, channels-last: oneDNN directly (``kernels.conv3d``), measured at a fraction of the
-        output. CPU, contiguous: PyTorch runs a float32 conv3d with B * C_in * D_in * H_in <= 20480
+        output. CPU, contiguous or reference kernels (``F.conv3d``): PyTorch runs a float32 conv3d with B * C_in * D_in * H_in <= 20480
         (small tiles, 1-channel inputs) as im2col + GEMM with a column buffer of
         C_in * kernel volume * output voxels, larger ones through oneDNN with a reordered input
         and output. CUDA: cuDNN's workspace, taken as one output tile.
@@ -106,7 +109,7 @@ class Geometry:
         out = b * step.out_channels * math.prod(out_edges) * e
         if step.upsample or self.device_type != "cpu":
             return out
-        if self.channels_last:
+        if self.channels_last and onednn_convolution_ok(torch.float32):
             return out // 4
         k, s = step.conv.kernel_size, step.conv.stride
         padded = [s[a] * (out_edges[a] - 1) + k[a] for a in range(3)]
