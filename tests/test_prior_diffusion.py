@@ -168,8 +168,6 @@ def test_resume_is_exact(trained, tmp_path):
     check_resume_is_exact(*trained, tmp_path, "train.ema_decay=null")
 
 
-@pytest.mark.xfail(strict=True, reason="the runner's checkpoints keep the EMA weights but not "
-                                       "AveragedModel.n_averaged (medvae/train/loop.py, helper B1)")
 def test_resume_with_ema_is_exact(trained, tmp_path):
     check_resume_is_exact(*trained, tmp_path, "train.ema_decay=0.9")
 

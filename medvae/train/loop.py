@@ -145,6 +145,8 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
             accelerator.wait_for_everyone()
         if state["step"] % train.checkpoint_every == 0 or done:
             trainer_state = {**state, "guard": guard.state_dict(), "cpu_grad_scaler": precision.state_dict()}
+            if ema is not None:  # the EMA's update count too: after resume it must average, not copy
+                trainer_state["ema_n_averaged"] = int(ema.n_averaged)
             extra = {"ema.safetensors": ema.module.state_dict()} if ema is not None else None
             save_checkpoint(accelerator, run_dir, state["step"], trainer_state, extra, keep=train.keep_checkpoints)
         if done:
@@ -293,6 +295,7 @@ def _resume(accelerator: Accelerator, checkpoint: Path, guard: DivergenceGuard, 
         from safetensors.torch import load_file
 
         ema.module.load_state_dict(load_file(str(checkpoint / "ema.safetensors")))
+        ema.n_averaged.fill_(int(state.get("ema_n_averaged", 0)))
     accelerator.print(f"medvae: resumed from {checkpoint} at step {state['step']}")
     return {"step": state["step"], "micro_batches": state["micro_batches"]}
 
