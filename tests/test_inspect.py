@@ -33,7 +33,7 @@ def test_report_follows_the_config(tmp_path):
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(phantom((20, 20, 10), scale=2000, offset=-1000), np.diag([1, 1, 3, 1])), path)
     (tmp_path / "c.yaml").write_text(
-        "model:\n  channels: [8, 16, 16, 16]\n"
+        "model:\n  channels: [8, 16, 16, 16]\n  norm_num_groups: 8\n"
         "data:\n  modality: CT\n  spacing: [2, 2, 2]\n  intensity:\n    preset: ct_window\n"
     )
     result = _inspect("--config", tmp_path / "c.yaml", path, path)
