@@ -24,6 +24,7 @@ from medvae.inference import (
 )
 from medvae.inference.planner import plan_volume
 from medvae.inference.statistics import GroupStatistics
+from medvae.inference.steps import NormStep
 from medvae.inference.streaming import run_plan
 
 SHAPE = (1, 1, 24, 40, 32)  # not a multiple of any tile the planner picks below
@@ -248,3 +249,53 @@ def test_measured_peak_stays_under_the_budget():
     assert done.returncode == 0, done.stderr
     for part, (peak, budget) in json.loads(done.stdout.splitlines()[-1]).items():
         assert 0 < peak <= budget, (part, peak, budget)
+
+
+def _statistics_sources(geometry, plan):
+    """For each GroupNorm step index: the passes that stream tiles of its input T_k (stats-only
+    passes stopping at k, or passes that materialise T_k and reduce its statistics on the way)."""
+    norms = [i for i, step in enumerate(geometry.steps) if isinstance(step, NormStep)]
+    return {k: [p for p in plan.passes if p.stop == k] for k in norms}
+
+
+def test_materialised_tensors_feed_their_groupnorm_statistics_without_a_statistics_pass():
+    """The comparison architecture's decoder at 128^3 under 0.5 GiB (benchmarks/inference_memory.py
+    --plan-flops): tensors a pass materialises (e.g. the full-resolution input of the last GroupNorm)
+    have their statistics reduced from the tiles that pass writes; the planner charges no extra pass
+    for them, and every GroupNorm's statistics come from exactly one pass."""
+    model = VAE3D(channels=(32, 64, 64), num_res_blocks=1, latent_channels=3, norm_num_groups=32)
+    geometry = model_geometry(model, "decoder", (1, 3, 32, 32, 32), torch.device("cpu"))
+    plan = plan_volume(geometry, 0.5 * 2**30, allow_one_pass=False)
+    sources = _statistics_sources(geometry, plan)
+    assert all(len(passes) == 1 for passes in sources.values()), sources
+    free = [k for k, passes in sources.items() if passes[0].produce]
+    assert len(geometry.steps) - 2 in free  # the last GroupNorm, on the 128^3 x 32 tensor
+    assert plan.peak_bytes <= 0.5 * 2**30
+
+
+def test_bounded_decode_gathers_each_groupnorm_statistics_once(monkeypatch):
+    """Run a plan whose materialised tensors feed GroupNorms: one statistics reduction per GroupNorm
+    (none repeated, none from a redundant pass), and the result equals one pass."""
+    import medvae.inference.streaming as streaming
+
+    model = perturbed_model([8, 16, 16])
+    torch.manual_seed(2)
+    z = torch.randn(1, 3, 6, 10, 8)
+    geometry = model_geometry(model, "decoder", tuple(z.shape))
+    plan = plan_volume(geometry, budget_between(model, "decoder", tuple(z.shape)), allow_one_pass=False)
+    sources = _statistics_sources(geometry, plan)
+    assert all(len(passes) == 1 for passes in sources.values()), sources
+    assert sum(passes[0].produce for passes in sources.values()) >= 2  # the free path is exercised
+    made = []
+
+    class Counting(GroupStatistics):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(streaming, "GroupStatistics", Counting)
+    with torch.no_grad():
+        voxels = run_plan(geometry, plan, z, torch.channels_last_3d)
+        reference = model.decode(z)
+    assert len(made) == len(sources)
+    assert reference.std() > 0.1 and (voxels - reference).abs().max() < 1e-4
