@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -208,7 +209,7 @@ def main() -> None:
     variants = {}
     for spec in args.variant or ["default="]:
         name, _, overrides = spec.partition("=")
-        variants[name] = [o for o in overrides.split(",") if o]
+        variants[name] = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [..] stay
 
     train_np, heldout_np, heads = build_data(args.spacing, args.crop, args.train_crops, args.heldout_per_head, args.cache)
     device = "cuda" if torch.cuda.is_available() else "cpu"
