@@ -11,6 +11,12 @@ this VAE (``medvae.prior.sampling``; its grid fixes the output shape; the option
 steps, the guidance, the conditions and the fraction of samples flagged as near-copies of a
 training volume.
 
+``--prior fitted`` runs the same copy check against the training latents the export keeps with its
+fitted prior (``prior_copy_reference.safetensors``, threshold set by the validation volumes at
+export) and records ``copy_check`` and ``flagged_copy_fraction`` alike; an export without that
+reference (older, or with the file deleted before sharing) still generates, and its ``copy_check``
+says why it was not run. Either prior prints one line with the flagged fraction.
+
 Latents come from the export's fitted prior (``medvae.prior``; its grid fixes the output shape) or
 from N(0, I) over a grid of ``--shape / factor``. ``--temperature`` scales the prior's std. Sample i
 depends only on the seed and i (not on --num). Each latent is decoded by the memory-bounded
@@ -181,6 +187,8 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
         generator = torch.Generator().manual_seed(seed)
         latents = (latent_prior.sample(1, generator, temperature)[0] for _ in range(num))
         prior_record = {"prior_description": latent_prior.description, "latent_shape": list(latent_prior.latent_shape)}
+        if prior == "fitted":
+            latents = _copy_checked(latents, latent_prior, prior_record)
     samples, volumes = [], []
     with new_output_folder(out_dir) as tmp:
         for index, z in enumerate(latents):
@@ -211,4 +219,31 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
             "modality": modality, "units": units, "intensity": preprocessing["intensity"], "samples": samples,
         }
         (tmp / "generation.json").write_text(json.dumps(record, indent=2) + "\n")
+    if "copy_check" in record:
+        from medvae.prior.sampling import copy_check_line
+
+        print(copy_check_line(record), flush=True)
     return Path(out_dir)
+
+
+def _copy_checked(latents, latent_prior, prior_record: dict):
+    """Pass the fitted prior's latents through, measuring each one's nearest-training distance; when
+    the stream ends, ``prior_record`` gets ``copy_check`` and ``flagged_copy_fraction``."""
+    from medvae.prior.gaussian import COPY_REFERENCE_NAME
+    from medvae.prior.quality import nearest_distances
+    from medvae.prior.sampling import copy_check_record
+
+    reference = latent_prior.copy_reference
+    settings = latent_prior.description.get("copy_check") or {}
+    distances = []
+    for z in latents:
+        if reference is not None:
+            distances.append(float(nearest_distances(z[None], reference)[0]))
+        yield z
+    if reference is not None:
+        prior_record.update(copy_check_record(distances, settings))
+    else:
+        reason = settings.get("reason") or (
+            f"the export's copy reference {COPY_REFERENCE_NAME} is missing" if "threshold" in settings
+            else "the export has no copy reference (its prior was fitted before copy checks were stored)")
+        prior_record.update(copy_check_record(None, reason=reason))

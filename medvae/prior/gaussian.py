@@ -25,6 +25,15 @@ prior therefore describes whole scans of the median preprocessed size, centred; 
 
 Saved as ``prior.safetensors`` (mean, residual_std, factors) in the export folder, described in
 ``config.json["extra"]["prior"]``; nothing is pickled.
+
+Copy check (as for the diffusion prior, ``medvae.prior.sampling``): a Gaussian fitted to few
+volumes can reproduce a training patient, so the export also keeps the encoded training latents on
+the prior's grid, ``prior_copy_reference.safetensors`` (as private as the training scans; delete it
+before sharing an export, and generate then records that it could not check), and the threshold in
+``extra.prior.copy_check``: derived from the held-out (validation) volumes' nearest-training
+distances, or, without held-out volumes, from each training volume's distance to its nearest other
+one (leave-one-out). With one training volume and no held-out ones no threshold exists, and
+``copy_check`` says so.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 PRIOR_NAME = "prior.safetensors"
+COPY_REFERENCE_NAME = "prior_copy_reference.safetensors"  # the training latents the copy check compares with
 PRIOR_FORMAT = "medvae-prior"
 CANDIDATE_RANKS = (1, 2, 4, 8, 16, 32)  # low-rank sizes tried by cross-validation (besides 0)
 CV_FOLDS = 5
@@ -58,13 +68,16 @@ class LatentPrior:
     """A Gaussian over latent grids of one shape (C, d, h, w).
 
     mean, residual_std: (C, d, h, w) float32. factors: (k, C, d, h, w) float32, k >= 0 (the
-    columns of the low-rank covariance factor). description: JSON-able facts about the fit.
+    columns of the low-rank covariance factor). description: JSON-able facts about the fit
+    (``copy_check``: the copy check's threshold and its derivation). copy_reference: (N, C, d, h, w)
+    float32 training latents for the copy check, or None.
     """
 
     mean: torch.Tensor
     residual_std: torch.Tensor
     factors: torch.Tensor
     description: dict[str, Any] = field(default_factory=dict)
+    copy_reference: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.mean = self.mean.detach().float().cpu().contiguous()
@@ -73,6 +86,11 @@ class LatentPrior:
         if self.mean.ndim != 4 or self.residual_std.shape != self.mean.shape:
             raise ValueError(f"prior: mean {tuple(self.mean.shape)} and residual_std "
                              f"{tuple(self.residual_std.shape)} must both be (C, d, h, w)")
+        if self.copy_reference is not None:
+            self.copy_reference = self.copy_reference.detach().float().cpu().contiguous()
+            if self.copy_reference.ndim != 5 or self.copy_reference.shape[1:] != self.mean.shape:
+                raise ValueError(f"prior: copy reference {tuple(self.copy_reference.shape)} must be (N, "
+                                 f"{', '.join(map(str, self.mean.shape))}), the prior's latent grid")
 
     @classmethod
     def standard(cls, latent_shape: Sequence[int]) -> "LatentPrior":
@@ -257,20 +275,29 @@ def evenly_spaced(count: int, limit: int) -> list[int]:
 
 
 def fit_prior_to_volumes(model, volumes: Iterable[torch.Tensor], memory_budget: int | None = None,
-                         max_elements: int = MAX_ELEMENTS) -> LatentPrior:
+                         max_elements: int = MAX_ELEMENTS, heldout: Iterable[torch.Tensor] = ()) -> LatentPrior:
     """Encode normalised volumes (1, D, H, W) (posterior means, memory-bounded) and fit a LatentPrior.
 
     Volumes are padded by the pipeline to multiples of the downsampling factor already. Latent grids
     are brought to their median shape (``crop_or_pad``); beyond ``max_elements`` numbers in all,
     the volumes used are spread evenly over the list (the description says how many).
+
+    The copy check (module doc): every encoded training latent becomes the prior's copy reference,
+    and the ``heldout`` volumes (validation, encoded the same way) set its threshold.
     """
     from medvae.inference import encode_volume
+    from medvae.prior.sampling import copy_check_settings
 
     device = next(model.parameters()).device
-    latents = []
-    for volume in volumes:
-        x = torch.as_tensor(volume).as_subclass(torch.Tensor).float()[None].to(device)
-        latents.append(encode_volume(model, x, memory_budget=memory_budget).mode()[0].cpu())
+
+    def encode(stream: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        means = []
+        for volume in stream:
+            x = torch.as_tensor(volume).as_subclass(torch.Tensor).float()[None].to(device)
+            means.append(encode_volume(model, x, memory_budget=memory_budget).mode()[0].cpu())
+        return means
+
+    latents = encode(volumes)
     if not latents:
         raise ValueError("fit_prior: no training volumes to fit the prior to")
     shape = common_latent_shape(latent.shape for latent in latents)
@@ -283,13 +310,22 @@ def fit_prior_to_volumes(model, volumes: Iterable[torch.Tensor], memory_budget: 
         source="posterior means of whole training volumes, latent grids centre-cropped or edge-padded "
                "to their median shape",
     )
+    reference = torch.stack([crop_or_pad(latent, shape) for latent in latents])
+    heldout_latents = [crop_or_pad(latent, shape) for latent in encode(heldout)]
+    try:
+        prior.description["copy_check"] = copy_check_settings(
+            reference, torch.stack(heldout_latents) if heldout_latents else None)
+        prior.copy_reference = reference
+    except ValueError as err:  # one training volume and no held-out ones: no threshold can be derived
+        prior.description["copy_check"] = {"checked": False, "reason": str(err)}
     return prior
 
 
 def save_prior(prior: LatentPrior, export_dir: str | os.PathLike) -> Path:
-    """Add ``prior.safetensors`` to an export and describe it in ``config.json["extra"]["prior"]``.
+    """Add ``prior.safetensors`` (and the copy reference, if the prior has one) to an export and
+    describe it in ``config.json["extra"]["prior"]``.
 
-    Both writes are atomic, the config last, so a reader that finds the description finds the file.
+    Every write is atomic, the config last, so a reader that finds the description finds the files.
     """
     from safetensors.torch import save_file
 
@@ -298,6 +334,11 @@ def save_prior(prior: LatentPrior, export_dir: str | os.PathLike) -> Path:
 
     directory = resolve_export_dir(export_dir)
     config = read_export_config(directory)
+    if prior.copy_reference is not None:
+        with atomic_file(directory / COPY_REFERENCE_NAME) as tmp:
+            save_file({"latents": prior.copy_reference}, str(tmp), metadata={"format": PRIOR_FORMAT})
+    else:  # a stale reference of an earlier prior must not be checked against this one
+        (directory / COPY_REFERENCE_NAME).unlink(missing_ok=True)
     tensors = {"mean": prior.mean, "residual_std": prior.residual_std, "factors": prior.factors}
     with atomic_file(directory / PRIOR_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": PRIOR_FORMAT})
@@ -309,7 +350,12 @@ def save_prior(prior: LatentPrior, export_dir: str | os.PathLike) -> Path:
 
 
 def load_prior(export_dir: str | os.PathLike) -> LatentPrior | None:
-    """The fitted prior of an export (or run) folder, or None when it has none."""
+    """The fitted prior of an export (or run) folder, or None when it has none.
+
+    Its copy reference is loaded when the description holds a copy-check threshold and the file is
+    there; an export made before copy references were stored, or whose reference was deleted,
+    loads without one.
+    """
     from safetensors.torch import load_file
 
     from medvae.export import model_hash, read_export_config, resolve_export_dir
@@ -323,31 +369,43 @@ def load_prior(export_dir: str | os.PathLike) -> LatentPrior | None:
         raise ValueError(f"{path}: config.json describes a fitted prior but its file is missing")
     if description.get("model_hash") not in (None, model_hash(directory)):
         raise ValueError(f"{path}: the prior was fitted to other weights than {directory / 'model.safetensors'}")
+    reference_path = directory / COPY_REFERENCE_NAME
+    reference = None
+    if "threshold" in (description.get("copy_check") or {}) and reference_path.is_file():
+        if reference_path.is_symlink():
+            raise ValueError(f"{reference_path}: the copy reference is a symlink; an export must hold its own files")
+        try:
+            reference = load_file(str(reference_path))["latents"]
+        except (OSError, KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{reference_path}: unreadable copy reference ({' '.join(str(err).split())})") from None
     try:
         tensors = load_file(str(path))
-        return LatentPrior(tensors["mean"], tensors["residual_std"], tensors["factors"], dict(description))
+        return LatentPrior(tensors["mean"], tensors["residual_std"], tensors["factors"], dict(description), reference)
     except (OSError, KeyError, RuntimeError, ValueError) as err:
         raise ValueError(f"{path}: unreadable prior ({' '.join(str(err).split())})") from None
 
 
 def fit_and_save_prior(model, items: Sequence[dict], data_config, export_dir: str | os.PathLike,
-                       max_volumes: int = MAX_VOLUMES, memory_budget: int | None = None) -> LatentPrior:
+                       max_volumes: int = MAX_VOLUMES, memory_budget: int | None = None,
+                       heldout_items: Sequence[dict] = ()) -> LatentPrior:
     """After training: fit the prior to the training volumes and add it to the export.
 
     ``items``: the training dataset's items, either preprocessed (``image`` a (1, D, H, W) tensor,
     as the memory cache holds them) or datalist rows (``image`` a path, run through the infer
-    pipeline). At most ``max_volumes`` of them, evenly spaced, are encoded.
+    pipeline). At most ``max_volumes`` of them, evenly spaced, are encoded. ``heldout_items``
+    (the validation set's, same forms, at most ``max_volumes``) set the copy check's threshold.
     """
     from medvae.data import build_transforms
 
     transform = build_transforms(data_config, "infer", model.downsampling_factor)
 
-    def volumes():
-        for index in evenly_spaced(len(items), max_volumes):
-            item = items[index]
+    def volumes(rows: Sequence[dict]):
+        for index in evenly_spaced(len(rows), max_volumes):
+            item = rows[index]
             image = item["image"]
             yield image if isinstance(image, torch.Tensor) else transform(dict(item))["image"]
 
-    prior = fit_prior_to_volumes(model, volumes(), memory_budget=memory_budget)
+    prior = fit_prior_to_volumes(model, volumes(items), memory_budget=memory_budget,
+                                 heldout=volumes(heldout_items or ()))
     save_prior(prior, export_dir)
     return prior

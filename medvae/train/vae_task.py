@@ -30,7 +30,7 @@ class VAETask(TrainingTask):
         self.num_workers = config.data.num_workers
         self.loss_fn = VAELoss(config.loss)
         self.downsampling_factor: int | None = None
-        self.train_set = None
+        self.train_set = self.val_set = None
         self.preprocessing: dict | None = None
         self.precision = None
         self.discriminator = self.disc_optimizer = None
@@ -44,9 +44,9 @@ class VAETask(TrainingTask):
     def build_data(self, run_dir: Path):
         from medvae.data import build_datasets
 
-        self.train_set, val_set, self.preprocessing = build_datasets(self.config, self.downsampling_factor,
-                                                                     run_dir=run_dir)
-        return self.train_set, val_set
+        self.train_set, self.val_set, self.preprocessing = build_datasets(self.config, self.downsampling_factor,
+                                                                          run_dir=run_dir)
+        return self.train_set, self.val_set
 
     def setup(self, accelerator, precision) -> None:
         """Build and prepare the discriminator when ``loss.adversarial_weight > 0``."""
@@ -107,9 +107,11 @@ class VAETask(TrainingTask):
 
     def export(self, model, run_dir: Path) -> None:
         """``run_dir/export``: weights, config and preprocessing, plus the prior fitted to the training
-        volumes' latent means (what ``generate --prior fitted`` samples)."""
+        volumes' latent means (what ``generate --prior fitted`` samples) with its copy check's
+        reference: the training latents, and a threshold set by the validation volumes."""
         from medvae.prior import fit_and_save_prior
 
         save_model(model, run_dir / "export", preprocessing=self.preprocessing,
                    extra={"trained_with": to_dict(self.config)})
-        fit_and_save_prior(model, self.train_set.data, self.config.data, run_dir / "export")
+        heldout = self.val_set.data if self.val_set is not None else ()
+        fit_and_save_prior(model, self.train_set.data, self.config.data, run_dir / "export", heldout_items=heldout)
