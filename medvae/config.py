@@ -86,7 +86,8 @@ class DataConfig:
     patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # training crop (D, H, W), voxels
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    batch_size: int = 1  # per process
+    batch_size: int = 1  # volumes per micro-batch, per process
+    crops_per_volume: int = 1  # random crops taken from each volume; a micro-batch holds batch_size x this
     num_workers: int = 0
     cache: str = "memory"  # none, memory (CacheDataset) or disk (PersistentDataset)
     on_bad_file: str = "fail"  # fail at the first unreadable file, or skip it and list it in the run folder
@@ -104,6 +105,8 @@ class DataConfig:
         if self.spacing is not None and (len(self.spacing) != 3 or not all(0 < float(s) < float("inf")
                                                                           for s in self.spacing)):
             raise ConfigError(f"data.spacing: need three positive voxel sizes in mm, got {list(self.spacing)}")
+        if not 1 <= self.crops_per_volume <= 64:
+            raise ConfigError(f"data.crops_per_volume: must be in [1, 64], got {self.crops_per_volume}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
 

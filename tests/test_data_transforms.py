@@ -120,3 +120,24 @@ def test_dicom_series_goes_through_the_same_pipeline(ct5n_folder):
 def test_a_ct_series_listed_as_mr_is_refused(ct5n_folder):
     with pytest.raises(ValueError, match="CT5N: the file says modality CT but .* says MR"):
         build_transforms(DataConfig(), "infer", 4)({"image": str(ct5n_folder), "id": "ct5n", "modality": "MR"})
+
+
+def test_crops_per_volume_gives_that_many_distinct_augmented_crops_of_one_volume(tmp_path):
+    """data.crops_per_volume=k: the train pipeline returns k crops of the patch size from one loaded volume
+    (different places), each carrying the item's metadata; the loader's collate makes them k batch items."""
+    from monai.data import list_data_collate
+
+    path = _write(tmp_path / "v.nii.gz", phantom((40, 36, 30)))
+    out = _run(DataConfig(patch_size=[16, 16, 16], crops_per_volume=3), "train", path)
+    assert isinstance(out, list) and len(out) == 3
+    assert all(tuple(o["image"].shape) == (1, 16, 16, 16) and o["id"] == "x" for o in out)
+    assert len({o["image"].numpy().tobytes() for o in out}) == 3  # three places, not one crop copied
+    batch = list_data_collate([out, _run(DataConfig(patch_size=[16, 16, 16], crops_per_volume=3), "train", path)])
+    assert tuple(batch["image"].shape) == (6, 1, 16, 16, 16)
+
+
+def test_crops_per_volume_is_checked():
+    from medvae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="crops_per_volume"):
+        DataConfig(crops_per_volume=0)

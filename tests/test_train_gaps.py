@@ -20,7 +20,7 @@ from medvae.train.checkpoint import list_checkpoints
 from phantoms import write_phantoms
 from training_helpers import TINY_TRAINING, read_jsonl, run_medvae_train
 
-LR, WARMUP, MAX_STEPS, MIN_RATIO, WEIGHT_DECAY, ACCUMULATION = 2e-3, 2, 5, 0.1, 0.05, 2
+LR, WARMUP, MAX_STEPS, MIN_RATIO, WEIGHT_DECAY, ACCUMULATION, CROPS = 2e-3, 2, 5, 0.1, 0.05, 2, 2
 
 
 def _schedule(step: int) -> float:
@@ -33,14 +33,14 @@ def _schedule(step: int) -> float:
 
 @pytest.fixture(scope="module")
 def accumulated_run(tmp_path_factory):
-    """5 optimizer steps of 2 micro-batches of 2 volumes, a checkpoint after every step."""
+    """5 optimizer steps of 2 micro-batches of 2 volumes x 2 crops each, a checkpoint after every step."""
     base = tmp_path_factory.mktemp("gaps")
     write_phantoms(base / "data", count=6)
     overrides = TINY_TRAINING + [
         f"data.train={base / 'data'}", f"train.output_dir={base / 'run'}", f"train.max_steps={MAX_STEPS}",
         f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"train.min_lr_ratio={MIN_RATIO}",
         f"train.weight_decay={WEIGHT_DECAY}", f"train.gradient_accumulation_steps={ACCUMULATION}",
-        "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.val_every=0",
+        f"data.crops_per_volume={CROPS}", "train.checkpoint_every=1", "train.keep_checkpoints=10", "train.val_every=0",
     ]
     result = run_medvae_train(base, overrides)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,10 +68,11 @@ def test_lr_function_at_its_landmarks():
 
 
 def test_accumulation_consumes_k_micro_batches_per_step_and_logs_the_effective_batch(accumulated_run):
-    """Kills: accumulation ignored (one micro-batch per step) and an effective batch logged without it."""
+    """Kills: accumulation ignored (one micro-batch per step), and an effective batch logged without the
+    accumulation or without the crops each volume gives."""
     base, _ = accumulated_run
     rows = read_jsonl(base / "run" / "metrics.jsonl")
-    assert [r["train/effective_batch_size"] for r in rows if "train/effective_batch_size" in r] == [2 * ACCUMULATION]
+    assert [r["train/effective_batch_size"] for r in rows if "train/effective_batch_size" in r] == [2 * CROPS * ACCUMULATION]
     for checkpoint in list_checkpoints(base / "run"):
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         assert state["micro_batches"] == state["step"] * ACCUMULATION, state

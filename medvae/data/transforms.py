@@ -40,6 +40,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
+    RandSpatialCropSamplesd,
     SpatialPad,
     Spacingd,
 )
@@ -161,7 +162,11 @@ def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: i
         augment = data_config.augment
         transforms += [
             PadWithMinimumd(KEY, padder=SpatialPad(spatial_size=patch)),
-            RandSpatialCropd(KEY, roi_size=patch, random_size=False),
+            # crops_per_volume > 1: several crops of one loaded volume, each its own batch item
+            # (list_data_collate flattens them); the augmentations below act on each crop.
+            RandSpatialCropd(KEY, roi_size=patch, random_size=False) if data_config.crops_per_volume == 1
+            else RandSpatialCropSamplesd(KEY, roi_size=patch, num_samples=data_config.crops_per_volume,
+                                         random_size=False),
         ]
         if augment.flip_prob > 0:  # axis 0 is left-right after RAS orientation
             transforms.append(RandFlipd(KEY, prob=augment.flip_prob, spatial_axis=0))

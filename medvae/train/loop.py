@@ -93,8 +93,9 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
     if resume_from is not None:
         state = _resume(accelerator, resume_from, guard, precision, ema)
     tracker = _tracker(run_dir, tracking, config_dict, accelerator, resume_from is not None)
-    tracker.log({"train/effective_batch_size": task.batch_size * accelerator.num_processes
-                 * train.gradient_accumulation_steps, "train/num_processes": accelerator.num_processes},
+    samples_per_step = (task.batch_size * getattr(task, "samples_per_item", 1) * accelerator.num_processes
+                        * train.gradient_accumulation_steps)
+    tracker.log({"train/effective_batch_size": samples_per_step, "train/num_processes": accelerator.num_processes},
                 step=state["step"])
 
     update = _Update(optimizer, precision, unwrapped, ema)

@@ -24,6 +24,7 @@ class TrainingTask(Protocol):
     name: str  # "vae", "diffusion_prior": used in log messages
     primary_term: str  # the loss term the guard watches for "rises and stays up" (VAE: "reconstruction")
     batch_size: int  # items per micro-batch per process
+    samples_per_item: int = 1  # training samples one item yields (the VAE: data.crops_per_volume)
     num_workers: int = 0  # DataLoader worker processes
 
     def build_model(self) -> torch.nn.Module:

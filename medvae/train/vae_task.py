@@ -26,7 +26,8 @@ class VAETask(TrainingTask):
 
     def __init__(self, config: Config):
         self.config = config
-        self.batch_size = config.data.batch_size  # per process
+        self.batch_size = config.data.batch_size  # volumes per micro-batch, per process
+        self.samples_per_item = config.data.crops_per_volume  # crops per volume: the micro-batch's real size
         self.num_workers = config.data.num_workers
         self.loss_fn = VAELoss(config.loss)
         self.downsampling_factor: int | None = None
