@@ -187,6 +187,32 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
     return rows
 
 
+def report(runs: list[dict], targets: list[float], steps: int) -> list[dict]:
+    """Print the summary table and the median curves; return the summary rows."""
+    rows = summarise(runs, targets)
+    reached = " | ".join(f"to {t:g} dB" for t in targets)
+    print(f"\n| system | seeds | held-out PSNR at {steps} steps, median (min-max) | SSIM | train seconds | "
+          f"{reached} | guard actions |")
+    print("|---|---|---|---|---|" + "---|" * len(targets) + "---|")
+    for row in rows:
+        reach = " | ".join(row[f"to_{t:g}"] for t in targets)
+        print(f"| {row['system']} | {row['seeds']} | {row['psnr']:.2f} ({row['psnr_min']:.2f}-{row['psnr_max']:.2f}) | "
+              f"{row['ssim']:.3f} | {row['seconds']:.0f} | {reach} | {row['guard_actions']} |")
+    print("\nmedian held-out PSNR against steps:")
+    for row in rows:
+        print(f"  {row['system']:<28} " + "  ".join(f"{s}:{p:.2f}" for s, p in zip(row["curve_steps"], row["curve_psnr"])))
+    return rows
+
+
+def merge(paths: list[Path], targets: list[float]) -> None:
+    """One table from the runs of several JSON files of the same protocol (e.g. seeds run as separate processes)."""
+    results = [json.loads(p.read_text()) for p in paths]
+    protocol = {(r["spacing_mm"], r["crop"], r["steps"]) for r in results}
+    if len(protocol) != 1:
+        raise SystemExit(f"--merge: the files differ in (spacing, crop, steps): {sorted(protocol)}")
+    report([run for r in results for run in r["runs"]], targets, results[0]["steps"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spacing", type=float, default=1.0, help="mm, isotropic")
@@ -203,7 +229,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "medvae-benchmarks")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "convergence.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="print one table from the runs of these JSON files (same protocol) and exit")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.targets)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = {}
@@ -243,18 +274,7 @@ def main() -> None:
                          "total_seconds": round(time.perf_counter() - started, 1)})
             print(json.dumps(runs[-1]), flush=True)
 
-    rows = summarise(runs, args.targets)
-    reached = " | ".join(f"to {t:g} dB" for t in args.targets)
-    print(f"\n| system | seeds | held-out PSNR at {args.steps} steps, median (min-max) | SSIM | train seconds | "
-          f"{reached} | guard actions |")
-    print("|---|---|---|---|---|" + "---|" * len(args.targets) + "---|")
-    for row in rows:
-        reach = " | ".join(row[f"to_{t:g}"] for t in args.targets)
-        print(f"| {row['system']} | {row['seeds']} | {row['psnr']:.2f} ({row['psnr_min']:.2f}-{row['psnr_max']:.2f}) | "
-              f"{row['ssim']:.3f} | {row['seconds']:.0f} | {reach} | {row['guard_actions']} |")
-    print("\nmedian held-out PSNR against steps:")
-    for row in rows:
-        print(f"  {row['system']:<28} " + "  ".join(f"{s}:{p:.2f}" for s, p in zip(row["curve_steps"], row["curve_psnr"])))
+    rows = report(runs, args.targets, args.steps)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "device": device, "threads": torch.get_num_threads(),
