@@ -52,6 +52,7 @@ def healthy_run(volume: Path, out: Path, *, crop: int, steps: int, precision: st
     AcceleratorState._reset_state(reset_partial_state=True)  # one process, many runs
     config = load_config(None, [
         f"data.train={volume.parent}", "data.val_fraction=0", f"data.patch_size=[{crop},{crop},{crop}]",
+        "data.batch_size=1",  # one crop per step: the setting, and the noisiest step-to-step statistics
         f"train.output_dir={out}", f"train.max_steps={steps}", f"train.mixed_precision={precision}",
         f"train.seed={seed}", "train.val_every=0", f"train.checkpoint_every={steps}",
         "tracking.wandb_mode=disabled", "tracking.log_every=1", *overrides,

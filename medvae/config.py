@@ -83,10 +83,11 @@ class DataConfig:
     modality: str = "MR"  # CT or MR, when the datalist does not say per row
     spacing: Optional[List[float]] = None  # target voxel spacing in mm; None keeps each file's own
     orientation: str = "RAS"
-    patch_size: List[int] = field(default_factory=lambda: [64, 64, 64])  # training crop (D, H, W), voxels
+    # Four crops of 40^3 per step (about one 64^3 crop of voxels): see benchmarks/recipe.json.
+    patch_size: List[int] = field(default_factory=lambda: [40, 40, 40])  # training crop (D, H, W), voxels
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    batch_size: int = 1  # volumes per micro-batch, per process
+    batch_size: int = 4  # volumes per micro-batch, per process (repeated when a dataset has fewer)
     crops_per_volume: int = 1  # random crops taken from each volume; a micro-batch holds batch_size x this
     num_workers: int = 0
     cache: str = "memory"  # none, memory (CacheDataset) or disk (PersistentDataset)

@@ -109,3 +109,25 @@ def test_skip_mode_with_nothing_left_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no usable training volumes; see .*skipped_files.json"):
         build_datasets(_config(tmp_path / "data", val_fraction=0.0, on_bad_file="skip"), 4, run_dir=tmp_path / "run")
     assert json.loads((tmp_path / "run" / "skipped_files.json").read_text())["num_skipped"] == 1
+
+
+def test_fewer_volumes_than_a_batch_are_repeated_with_their_own_crops():
+    """A dataset of 2 volumes and a global batch of 5: each epoch lists every volume 3 times, each copy
+    with its own random crop, and the order still follows from (seed, epoch) alone."""
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandSpatialCropd
+
+    from medvae.train.ordering import EpochOrderedDataset
+
+    volumes = [{"image": np.arange(8**3, dtype=np.float32).reshape(1, 8, 8, 8) + 1000 * i, "id": str(i)}
+               for i in range(2)]
+    dataset = Dataset(volumes, transform=Compose([RandSpatialCropd("image", roi_size=[4, 4, 4], random_size=False)]))
+    ordered = EpochOrderedDataset(dataset, seed=3, min_length=5)
+    assert len(ordered) == 6
+    items = [ordered[i] for i in range(len(ordered))]
+    assert sorted(item["id"] for item in items) == ["0", "0", "0", "1", "1", "1"]
+    crops = {item["image"].numpy().tobytes() for item in items}
+    assert len(crops) == 6  # no two copies share a crop
+    again = EpochOrderedDataset(dataset, seed=3, min_length=5)
+    assert [again[i]["image"].numpy().tobytes() for i in range(6)] == [i["image"].numpy().tobytes() for i in items]
+    assert len(EpochOrderedDataset(dataset, seed=3, min_length=2)) == 2  # enough volumes: one copy each

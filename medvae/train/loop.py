@@ -82,7 +82,7 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
     model = task.build_model()
     set_seed(train.seed, device_specific=True)  # ... and different noise per rank
     train_set, val_set = task.build_data(run_dir)
-    ordered, loader = _ordered_loader(train_set, task, train.seed)
+    ordered, loader = _ordered_loader(train_set, task, train.seed, accelerator.num_processes)
     optimizer = torch.optim.AdamW(_param_groups(model, train.weight_decay), lr=train.lr, betas=tuple(train.betas))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     task.setup(accelerator, precision)
@@ -241,12 +241,14 @@ def _write_run_config(accelerator: Accelerator, plan: RunFolderPlan, config_dict
     accelerator.wait_for_everyone()
 
 
-def _ordered_loader(train_set, task: TrainingTask, seed: int) -> tuple[EpochOrderedDataset, DataLoader]:
+def _ordered_loader(train_set, task: TrainingTask, seed: int,
+                    num_processes: int) -> tuple[EpochOrderedDataset, DataLoader]:
     """A loader whose order follows from (seed, epoch) alone; its generator keeps the per-epoch seed
     draw off the global RNG (exact resume)."""
     from monai.data import list_data_collate
 
-    ordered = EpochOrderedDataset(train_set, seed=seed)
+    # A dataset with fewer volumes than one global batch lists each volume several times per epoch.
+    ordered = EpochOrderedDataset(train_set, seed=seed, min_length=task.batch_size * num_processes)
     loader = DataLoader(ordered, batch_size=task.batch_size, shuffle=False, drop_last=True,
                         num_workers=getattr(task, "num_workers", 0), collate_fn=list_data_collate,
                         generator=torch.Generator().manual_seed(seed))

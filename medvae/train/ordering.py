@@ -20,17 +20,22 @@ def _mix(*values: int) -> int:
 
 
 class EpochOrderedDataset(Dataset):
-    """Wrap a MONAI dataset: index i of epoch e is item perm_e[i], with seeded random transforms."""
+    """Wrap a MONAI dataset: index i of epoch e is item perm_e[i] mod n, with seeded random transforms.
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True):
+    ``min_length``: an epoch lists every item ``ceil(min_length / n)`` times (each copy with its own
+    random crop), so that a dataset of fewer volumes than one global batch still fills batches.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, min_length: int = 1):
         self.dataset = dataset
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.copies = max(1, -(-int(min_length) // max(1, len(dataset))))
         self.epoch = 0
         self._permutation = self._make_permutation(0)
 
     def _make_permutation(self, epoch: int) -> np.ndarray:
-        n = len(self.dataset)
+        n = len(self.dataset) * self.copies
         if not self.shuffle:
             return np.arange(n)
         generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
@@ -43,11 +48,12 @@ class EpochOrderedDataset(Dataset):
         self._permutation = self._make_permutation(self.epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) * self.copies
 
     def __getitem__(self, index: int):
-        item_index = int(self._permutation[index])
+        copy, item_index = divmod(int(self._permutation[index]), len(self.dataset))
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "set_random_state"):
-            transform.set_random_state(seed=_mix(self.seed, self.epoch, item_index))
+            key = (self.seed, self.epoch, item_index) if self.copies == 1 else (self.seed, self.epoch, item_index, copy)
+            transform.set_random_state(seed=_mix(*key))
         return self.dataset[item_index]
