@@ -168,15 +168,10 @@ class DiffusionPriorTask(TrainingTask):
 
     def export(self, model, run_dir: Path) -> None:
         """``run_dir/export``: the prior folder (weights, copy reference, config.json with provenance)."""
-        from medvae.prior.quality import COPY_RATIO, copy_threshold, nearest_distances
+        from medvae.prior.sampling import copy_check_settings
 
         train = self.train_latents
-        if self.val_latents is not None and len(self.val_latents.ids):
-            reference = nearest_distances(self.val_latents.latents, train.latents)
-            source = "held-out volumes to their nearest training volume"
-        else:
-            reference = nearest_distances(train.latents, train.latents, exclude_self=True)
-            source = "each training volume to its nearest other training volume (no held-out volumes)"
+        heldout = self.val_latents.latents if self.val_latents is not None and len(self.val_latents.ids) else None
         d = self.config.diffusion
         config = {
             "unet": self.unet_args, "scheduler": self.scheduler_args,
@@ -188,9 +183,7 @@ class DiffusionPriorTask(TrainingTask):
             "model_hash": self.vae.hash, "preprocessing": self.vae.preprocessing,
             "latents": {k: v for k, v in train.provenance.items() if k not in ("preprocessing",)},
             "num_train_volumes": len(train.ids), "train_ids": train.ids,
-            "copy_check": {"reference": source, "reference_distances": [float(x) for x in reference],
-                           "ratio": COPY_RATIO, "threshold": copy_threshold(reference),
-                           "feature_space": "posterior-mean latent grid, RMS distance per element"},
+            "copy_check": copy_check_settings(train.latents, heldout),
             "trained_with": _plain(self.config),
         }
         save_diffusion_prior(run_dir / "export", model, config, train.latents)
