@@ -194,15 +194,28 @@ def part_largest_crop(args, device, payload, save) -> None:
         save()
 
 
+def _mkldnn_conv_flop(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None, **kwargs):
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def conv_flops(name: str, mode: str, size: int, device: torch.device) -> float:
-    """Convolution FLOPs (forward + backward) of one training step, counted by torch."""
+    """Convolution FLOPs (forward + backward) of one training step, counted by torch.
+
+    Counts the convolutions each model really runs: ``aten.convolution*`` and, on CPU, the direct
+    ``aten.mkldnn_convolution`` calls (torch has no formula for them, so one is registered here),
+    plus the matrix products that medvae's 1x1 convolutions are computed as (MONAI runs those as
+    convolutions, so both models' 1x1 work is in the count).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     step, _, _ = make_step(name, mode, size, 1, device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mkldnn_convolution: _mkldnn_conv_flop})
     with counter:
         step()
-    return float(sum(v for op, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)))
+    counted = ("convolution", "aten.mm", "aten.addmm", "aten.bmm")
+    return float(sum(v for op, v in counter.get_flop_counts()["Global"].items() if any(c in str(op) for c in counted)))
 
 
 def plain_conv_rate(mode: str, device: torch.device, size: int = 64, repeats: int = 10) -> float:

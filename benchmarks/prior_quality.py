@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=8, help="scans generated per row")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="sampling steps of the ddpm sampler")
     parser.add_argument("--fast-steps", type=int, default=50, help="sampling steps of the rflow and ddim samplers")
+    parser.add_argument("--objectives", nargs="+", default=["rflow", "ddpm"], choices=["rflow", "ddpm"],
+                        help="diffusion priors to train (the ddpm objective gives the ddpm and ddim rows)")
+    parser.add_argument("--seed", type=int, default=0, help="generation seed of every row")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -143,7 +146,7 @@ def main() -> None:
                  "latents.batch_size=2", f"train.max_steps={args.prior_steps}", "train.warmup_steps=30",
                  f"train.checkpoint_every={args.prior_steps}", "tracking.wandb_mode=disabled",
                  f"latents.train={train_csv}", f"latents.val={heldout_csv}"]
-    for objective in ("rflow", "ddpm"):
+    for objective in args.objectives:
         prior_run = work / f"prior_{objective}"
         if not (prior_run / "export" / "diffusion_prior.safetensors").is_file():
             started = time.perf_counter()
@@ -159,7 +162,8 @@ def main() -> None:
     from medvae.prior.diffusion import load_diffusion_prior
 
     loaded = load_for_inference(run, device="cpu")
-    volume_shape = [s * loaded.factor for s in load_diffusion_prior(work / "prior_rflow").latent_shape[1:]]
+    first_prior = load_diffusion_prior(work / f"prior_{args.objectives[0]}")
+    volume_shape = [s * loaded.factor for s in first_prior.latent_shape[1:]]
     rows = [("N(0, I)", "standard", {}),
             ("fitted Gaussian", "fitted", {}),
             (f"diffusion rflow ({args.fast_steps} steps)", "diffusion",
@@ -168,6 +172,8 @@ def main() -> None:
              {"prior_dir": work / "prior_ddpm", "sampler": "ddpm", "sampling_steps": args.ddpm_steps}),
             (f"diffusion ddpm objective, ddim ({args.fast_steps} steps)", "diffusion",
              {"prior_dir": work / "prior_ddpm", "sampler": "ddim", "sampling_steps": args.fast_steps})]
+    trained = {work / f"prior_{objective}" for objective in args.objectives}
+    rows = [row for row in rows if row[1] != "diffusion" or row[2]["prior_dir"] in trained]
     train_set = _encode_set(loaded, [str(train_csv)])
     heldout_set = _encode_set(loaded, [str(heldout_csv)])
     results = []
@@ -178,7 +184,7 @@ def main() -> None:
 
             shutil.rmtree(out)
         started = time.perf_counter()
-        generate(run, args.num, out, seed=0, prior=prior, shape=volume_shape if prior == "standard" else None,
+        generate(run, args.num, out, seed=args.seed, prior=prior, shape=volume_shape if prior == "standard" else None,
                  diffusion=diffusion or None)
         seconds = (time.perf_counter() - started) / args.num
         record = json.loads((out / "generation.json").read_text())
@@ -210,7 +216,8 @@ def main() -> None:
         print(f"| {r['row']} | {t['frechet_distance']:.3f} | {t['mmd']:.3f} | {t['intensity_w1']:.1f} | "
               f"{t['foreground_difference']:.3f} | {held} | {flagged} | {speed} |")
     summary = {"results": results, "timings": timings, "train": train_names, "heldout": list(HELD_OUT),
-               "num": args.num, "vae_steps": args.vae_steps, "prior_steps": args.prior_steps,
+               "num": args.num, "seed": args.seed, "objectives": args.objectives, "vae_steps": args.vae_steps,
+               "prior_steps": args.prior_steps,
                "volume_shape": volume_shape, "copy_threshold": results[0].get("copy_threshold")}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

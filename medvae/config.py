@@ -66,6 +66,9 @@ class AugmentConfig:
     intensity_scale: float = 0.05  # multiply by 1 + f, f uniform in [-intensity_scale, intensity_scale]
     intensity_shift: float = 0.05  # add o, o uniform in [-intensity_shift, intensity_shift] (normalised units)
     intensity_prob: float = 0.5  # chance of each intensity augmentation per crop
+    # Gaussian noise of std uniform in [0, noise_std] (normalised units), with chance intensity_prob:
+    # teaches a model trained on smooth templates to pass an individual scan's texture through.
+    noise_std: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("flip_prob", "intensity_prob"):
@@ -73,6 +76,8 @@ class AugmentConfig:
                 raise ConfigError(f"data.augment.{name}: must be in [0, 1], got {getattr(self, name)}")
         if self.intensity_scale < 0 or self.intensity_shift < 0:
             raise ConfigError("data.augment.intensity_scale and intensity_shift must be >= 0")
+        if not 0.0 <= self.noise_std <= 1.0:
+            raise ConfigError(f"data.augment.noise_std: must be in [0, 1] (normalised units), got {self.noise_std}")
 
 
 @dataclass

@@ -141,3 +141,30 @@ def test_crops_per_volume_is_checked():
 
     with pytest.raises(ConfigError, match="crops_per_volume"):
         DataConfig(crops_per_volume=0)
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.1])
+def test_noise_augmentation_adds_zero_mean_noise_of_at_most_noise_std(tmp_path, noise_std):
+    """data.augment.noise_std: the train crop is the normalised volume plus Gaussian noise whose std is
+    drawn in [0, noise_std]; with 0 (the default) the crop is the volume itself."""
+    from medvae.config import AugmentConfig
+
+    path = _write(tmp_path / "v.nii.gz", phantom((16, 16, 16)))
+    augment = AugmentConfig(intensity_scale=0.0, intensity_shift=0.0, intensity_prob=1.0, noise_std=noise_std)
+    reference = _run(DataConfig(), "val", path)["image"]
+    stds = []
+    for _ in range(6):
+        crop = _run(DataConfig(patch_size=[16, 16, 16], augment=augment), "train", path)["image"]
+        stds.append(float((crop - reference).std()))
+        assert abs(float((crop - reference).mean())) < 0.01
+    if noise_std == 0:
+        assert max(stds) == 0.0
+    else:
+        assert 0.0 < max(stds) <= noise_std * 1.05 and len(set(stds)) > 1  # std varies per crop
+
+
+def test_noise_std_is_checked():
+    from medvae.config import AugmentConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="noise_std"):
+        AugmentConfig(noise_std=-0.1)

@@ -9,7 +9,8 @@
     train only:
       pad up to data.patch_size            volumes smaller than a patch
       random crop of data.patch_size       (1, D, H, W) with D, H, W = patch_size
-      augmentations                        left-right flip (off by default), small intensity scale and shift
+      augmentations                        left-right flip (off by default), small intensity scale and shift,
+                                           Gaussian noise (off by default)
 
 Padding uses the volume's lowest normalised value (air or background), not 0: after a z-score 0 is
 the foreground mean, and padding with tissue-like values would teach the model false edges.
@@ -37,6 +38,7 @@ from monai.transforms import (
     Orientationd,
     Padd,
     RandFlipd,
+    RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandSpatialCropd,
@@ -174,6 +176,9 @@ def build_transforms(data_config: DataConfig, phase: str, downsampling_factor: i
             transforms.append(RandScaleIntensityd(KEY, factors=augment.intensity_scale, prob=augment.intensity_prob))
         if augment.intensity_shift > 0:  # x + o, o in [-shift, shift], normalised units
             transforms.append(RandShiftIntensityd(KEY, offsets=augment.intensity_shift, prob=augment.intensity_prob))
+        if augment.noise_std > 0:  # std drawn uniformly in [0, noise_std] per crop
+            transforms.append(RandGaussianNoised(KEY, prob=augment.intensity_prob, mean=0.0, std=augment.noise_std,
+                                                 sample_std=True))
     transforms.append(EnsureTyped(KEY, dtype=torch.float32, track_meta=True))
     return Pipeline(transforms)
 
