@@ -34,7 +34,8 @@ def _onednn_dtype_supported(dtype: torch.dtype) -> bool:
         supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         if not supported:
             log.warning("medvae: this CPU has no oneDNN bf16 convolution (needs avx512bw/vl/dq or "
-                        "avx_ne_convert); bf16 convolutions use PyTorch's generic kernel")
+                        "avx_ne_convert); bf16 convolutions use PyTorch's generic kernel, which can be 10x or "
+                        "more slower than fp32 here: train in fp32 on this CPU")
         return supported
     return False
 
