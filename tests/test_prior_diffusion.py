@@ -208,3 +208,10 @@ def test_volumes_of_different_sizes_share_the_median_grid_rounded_up_for_the_une
     assert latents.provenance["original_latent_shapes"] == [[2, 8, 8, 8], [2, 10, 8, 6], [2, 12, 8, 6]]
     assert latents.latent_shape == (2, 12, 8, 8)  # median (10, 8, 6), each side padded up to a multiple of 4
     assert encode_items(loaded, items).latent_shape == (2, 10, 8, 6)
+    # train-prior tells the user which volumes were cropped and which padded to reach the grid
+    from medvae.prior.latents import latent_grid_line
+
+    line = latent_grid_line(encode_items(loaded, items))  # grid (2, 10, 8, 6)
+    assert "3 training latents on a 2 x 10 x 8 x 6 grid" in line
+    # (8, 8, 8) is padded in d and cropped in w, (10, 8, 6) fits, (12, 8, 6) is cropped in d
+    assert "centre-cropped along some axis: 2" in line and "edge-padded along some axis: 1" in line

@@ -108,6 +108,17 @@ def encode_items(loaded, items: list[dict[str, Any]], latent_shape: tuple[int, .
     return LatentSet(stacked, [str(item["id"]) for item in items], conditions, provenance)
 
 
+def latent_grid_line(latents: LatentSet) -> str:
+    """One line for the user: how many latents, the common grid, and how each volume's grid got there."""
+    shape = tuple(latents.latent_shape)
+    originals = [tuple(s[1:]) for s in latents.provenance.get("original_latent_shapes", [])]
+    cropped = sum(any(o > t for o, t in zip(orig, shape[1:])) for orig in originals)
+    padded = sum(any(o < t for o, t in zip(orig, shape[1:])) for orig in originals)
+    grid = " x ".join(str(s) for s in shape)
+    return (f"medvae train-prior: {len(latents.ids)} training latents on a {grid} grid (channels x d x h x w); "
+            f"centre-cropped along some axis: {cropped}, edge-padded along some axis: {padded}")
+
+
 def save_latents(latents: LatentSet, path: str | os.PathLike) -> Path:
     """Write a LatentSet as one safetensors file (atomic); JSON metadata holds everything but the tensor."""
     from safetensors.torch import save_file

@@ -28,7 +28,7 @@ from medvae.prior.diffusion import (
     training_loss,
     unet_arguments,
 )
-from medvae.prior.latents import LatentSet, encode_items, load_latents, save_latents
+from medvae.prior.latents import LatentSet, encode_items, latent_grid_line, load_latents, save_latents
 from medvae.train.task import TrainingTask
 
 MODALITIES = ["CT", "MR"]  # the one-hot vocabulary of the modality condition (fixed: the context size must not depend on data)
@@ -130,6 +130,8 @@ class DiffusionPriorTask(TrainingTask):
         state.wait_for_everyone()
         self.train_latents = load_latents(run_dir / TRAIN_CACHE, model_hash=self.vae.hash)
         self.val_latents = load_latents(run_dir / VAL_CACHE, model_hash=self.vae.hash) if val_items else None
+        if state.is_main_process:
+            print(latent_grid_line(self.train_latents), flush=True)
         self.shift, self.scale_factor = self.train_latents.scaling()
         self.spec.seen = sorted({str(c["modality"]) for c in self.train_latents.conditions})
         self.inferer = _inferer(self.scheduler_args)
