@@ -16,6 +16,7 @@ from medvae.cli import cli
 from medvae.export import load_model, model_hash
 from medvae.jobs.generate import centred_affine, generate
 from medvae.prior import LatentPrior, load_prior, save_prior
+from medvae.tracking.preview import GAP, LABEL_HEIGHT, MIN_PANEL_PX, mid_slices, preview_size, readable_scale
 
 SPACING = 2.0
 
@@ -44,10 +45,14 @@ def test_nifti_scans_have_the_shape_spacing_centred_affine_and_hu_units(ct_expor
         assert b"units=HU" in image.header["descrip"].tobytes()
         assert -1000.0 <= data.min() and data.max() <= 1000.0  # the HU window of the ct_window preset
         assert data.max() - data.min() > 100.0  # real HU, not the normalised [0, 1] scale
-        with Image.open(out / sample["preview"]) as preview:
-            assert preview.size[0] > 8 * 3
-    with Image.open(out / "montage.png") as montage:
+        with Image.open(out / sample["preview"]) as preview:  # small volumes are enlarged to be readable
+            scale = readable_scale((16, 12, 8))
+            assert scale * 16 >= MIN_PANEL_PX and preview.size == preview_size((16, 12, 8), 1, scale)
+    with Image.open(out / "montage.png") as montage:  # two tiles side by side, the longer side >= MIN_PANEL_PX
         assert montage.mode == "L"
+        rows_px, cols_px = (side * readable_scale((16, 12, 8)) for side in mid_slices(np.zeros((16, 12, 8)))[0].shape)
+        assert max(rows_px, cols_px) >= MIN_PANEL_PX
+        assert montage.size == (GAP + 2 * (cols_px + GAP), GAP + LABEL_HEIGHT + rows_px + GAP)
 
 
 def test_seed_reproduces_and_temperature_scales(ct_export, tmp_path):

@@ -131,12 +131,13 @@ def write_montage(volumes: list[np.ndarray], labels: list[str], path: Path) -> P
     from PIL import Image, ImageDraw
 
     from medvae.atomic import atomic_file
-    from medvae.tracking.preview import GAP, LABEL_HEIGHT, WINDOW_PERCENTILES, mid_slices
+    from medvae.tracking.preview import GAP, LABEL_HEIGHT, WINDOW_PERCENTILES, mid_slices, readable_scale
 
     slices = [mid_slices(v)[0] for v in volumes[:MONTAGE_MAX]]
     low, high = np.percentile(np.concatenate([s.ravel() for s in slices]), WINDOW_PERCENTILES)
     high = high if high > low else low + 1.0
-    rows_px, cols_px = slices[0].shape
+    scale = readable_scale(slices[0].shape)  # small volumes: each voxel drawn as scale x scale pixels
+    rows_px, cols_px = (side * scale for side in slices[0].shape)
     columns = math.ceil(math.sqrt(len(slices)))
     rows = math.ceil(len(slices) / columns)
     canvas = Image.new("L", (GAP + columns * (cols_px + GAP), GAP + rows * (LABEL_HEIGHT + rows_px + GAP)), 0)
@@ -146,7 +147,8 @@ def write_montage(volumes: list[np.ndarray], labels: list[str], path: Path) -> P
         top = GAP + (index // columns) * (LABEL_HEIGHT + rows_px + GAP)
         pixels = (np.clip((plane - low) / (high - low), 0, 1) * 255).round().astype(np.uint8)
         draw.text((left, top), label, fill=255)
-        canvas.paste(Image.fromarray(np.ascontiguousarray(pixels)), (left, top + LABEL_HEIGHT))
+        tile = Image.fromarray(np.ascontiguousarray(pixels))
+        canvas.paste(tile.resize((cols_px, rows_px), Image.NEAREST), (left, top + LABEL_HEIGHT))
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
@@ -161,7 +163,7 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
     sampler, sampling_steps, guidance, conditions) for ``prior="diffusion"``.
     """
     from medvae.io import Volume, write_volume
-    from medvae.tracking.preview import triplanar_preview
+    from medvae.tracking.preview import readable_scale, triplanar_preview
 
     if out_format not in ("nifti", "dicom"):
         raise ValueError(f"--format {out_format!r}: use 'nifti' or 'dicom'")
@@ -203,7 +205,8 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
             else:
                 file = f"{name}.nii.gz"
                 write_volume(volume, tmp / file)
-            triplanar_preview([array], [f"{name} ({prior} prior)"], tmp / f"{name}.png")
+            triplanar_preview([array], [f"{name} ({prior} prior)"], tmp / f"{name}.png",
+                              scale=readable_scale(array.shape))
             samples.append({"index": index, "file": file, "preview": f"{name}.png",
                             "min": float(array.min()), "max": float(array.max())})
             if index < MONTAGE_MAX:  # only what the montage shows stays in memory

@@ -15,6 +15,7 @@ reconstruction that is too dark or too bright shows as such. Non-finite voxels s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,12 @@ def reconstruction_preview(image: np.ndarray, reconstruction: np.ndarray, path: 
     with atomic_file(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def readable_scale(shape: tuple[int, ...]) -> int:
+    """Whole-number enlargement that brings the largest side of ``shape`` to at least MIN_PANEL_PX pixels
+    (1 for volumes that are already that large): voxels stay square blocks, nothing is interpolated."""
+    return max(1, math.ceil(MIN_PANEL_PX / max(1, max(int(s) for s in shape))))
 
 
 def preview_size(shape: tuple[int, int, int], rows: int, scale: int = 1) -> tuple[int, int]:
