@@ -1,4 +1,4 @@
-"""What the demo's held-out PSNR can reach: reference reconstructions of the held-out T1, and optionally a run's.
+"""What the demo's held-out PSNR can reach: reference reconstructions of the held-out T1 and a run's.
 
 The held-out scan (nibabel's ``anatomical.nii``, the demo's validation volume) goes through the demo
 run's own preprocessing (the export's pipeline: 2 mm, ``mri_percentile``, padding to the factor), and
