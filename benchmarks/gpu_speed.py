@@ -211,7 +211,8 @@ def conv_flops(name: str, mode: str, size: int, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     step, _, _ = make_step(name, mode, size, 1, device)
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.mkldnn_convolution: _mkldnn_conv_flop})
+    onednn = getattr(torch.ops.aten, "mkldnn_convolution", None)  # absent from builds without oneDNN
+    counter = FlopCounterMode(display=False, custom_mapping={onednn: _mkldnn_conv_flop} if onednn is not None else None)
     with counter:
         step()
     counted = ("convolution", "aten.mm", "aten.addmm", "aten.bmm")
