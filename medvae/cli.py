@@ -86,17 +86,33 @@ def _job(module: str, issue: int):
         sys.exit(2)
 
 
+def close_process_group() -> None:
+    """Destroy the torch.distributed group a job opened (embed, train-prior under ``accelerate launch``).
+
+    Left open, gloo's worker threads are still running when the interpreter exits and a rank can
+    abort with "terminate called without an active exception" after its work is done (seen once in
+    CI on a 2-rank embed; pytorch/pytorch#190489). A job's known errors are raised by every rank
+    together (embed gathers them first), so the group is closed on that path too.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _run(func, *args, **kwargs):
     """Call ``func``; a known error family becomes one line on stderr and exit status 1."""
     command = click.get_current_context().info_name
     try:
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
     except Exception as raised:
         err = _unwrap(raised)
         if _debug() or not isinstance(err, _known_errors()):
-            raise
+            raise  # a bug: no teardown that could wait on a rank stuck in a collective
         click.echo(f"medvae {command}: error: {one_line(err)}", err=True)
+        close_process_group()
         sys.exit(1)
+    close_process_group()
+    return result
 
 
 def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:

@@ -131,3 +131,38 @@ def test_a_bug_is_not_disguised_as_a_user_error(monkeypatch):
     monkeypatch.delenv("MEDVAE_DEBUG", raising=False)
     result = CliRunner().invoke(_raising(lambda: TypeError("internal bug")), ["job"])
     assert isinstance(result.exception, TypeError)
+
+
+@pytest.mark.parametrize("outcome", ["success", "known error"])
+def test_a_job_s_process_group_is_closed_before_exit(outcome, tmp_path, monkeypatch):
+    """Left open, gloo's threads can abort a rank at interpreter exit (pytorch/pytorch#190489)."""
+    import click
+    import torch.distributed as dist
+    from click.testing import CliRunner
+
+    from medvae import cli as cli_module
+
+    monkeypatch.delenv("MEDVAE_DEBUG", raising=False)
+    seen = {}
+
+    def job_body():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        seen["open"] = dist.is_initialized()
+        if outcome == "known error":
+            raise ValueError("/x.nii: bad")
+
+    @click.group()
+    def group():
+        pass
+
+    @group.command()
+    def job():
+        cli_module._run(job_body)
+
+    try:
+        result = CliRunner().invoke(group, ["job"])
+        assert result.exit_code == (0 if outcome == "success" else 1), result.exception
+        assert seen["open"] and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
