@@ -107,6 +107,40 @@ def write_datalist(paths: dict[str, Path], names, path: Path) -> Path:
     return path
 
 
+MEASURES = ("frechet_distance", "mmd", "intensity_w1", "foreground_difference")  # lower is better for each
+
+
+def merge(files: list[Path]) -> None:
+    """One table over runs (folds, seeds): each diffusion row against the fitted Gaussian, per measure."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    print("| run | held out | row | " + " | ".join(f"{m} (train / held-out)" for m in MEASURES) + " | flagged |")
+    print("|" + "---|" * (len(MEASURES) + 4))
+    wins = {}  # (row, side) -> [wins, comparisons]
+    for path, run in zip(files, runs):
+        by_row = {r["row"]: r for r in run["results"]}
+        fitted = by_row.get("fitted Gaussian")
+        for row in run["results"]:
+            if fitted is None or not (row["row"].startswith("diffusion") or row is fitted):
+                continue
+            cells = []
+            for m in MEASURES:
+                pair = []
+                for side in ("vs_train", "vs_heldout"):
+                    value = row[side][m]
+                    better = row is not fitted and value < fitted[side][m]
+                    if row is not fitted:
+                        tally = wins.setdefault((row["row"].split(" (")[0], side), [0, 0])
+                        tally[0] += better
+                        tally[1] += 1
+                    pair.append(f"**{value:.3g}**" if better else f"{value:.3g}")
+                cells.append(" / ".join(pair))
+            flagged = row.get("flagged_copy_fraction")
+            print(f"| {Path(path).stem} (seed {run['seed']}) | {', '.join(run['heldout'])} | {row['row']} | "
+                  + " | ".join(cells) + f" | {'-' if flagged is None else f'{flagged:.2f}'} |")
+    for (row, side), (won, total) in sorted(wins.items()):
+        print(f"{row}: better than the fitted Gaussian in {won} of {total} measures {side.replace('vs_', 'against ')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/medvae_prior_bench"))
@@ -122,7 +156,12 @@ def main() -> None:
     parser.add_argument("--heldout", nargs="+", default=list(HELD_OUT), choices=sorted(SOURCES),
                         help="scans held out (the rest train); rotate them, each in its own --work, for folds")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="print the diffusion rows against the fitted Gaussian over these JSON files and exit")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     heldout = list(dict.fromkeys(args.heldout))
     if not 1 <= len(heldout) < len(SOURCES) - 1:
         parser.error(f"--heldout: name 1 to {len(SOURCES) - 2} of the {len(SOURCES)} scans, got {heldout}")
