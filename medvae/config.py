@@ -122,6 +122,7 @@ class LossConfig:
     reconstruction: str = "l1"  # l1 or mse, averaged over voxels
     ssim_weight: float = 0.0  # weight of (1 - SSIM) added to the reconstruction term
     ssim_data_range: Optional[float] = None  # intensity range for SSIM's constants; None: the target's max - min
+    gradient_weight: float = 0.0  # weight of the L1 between recon and target spatial gradients (an edge term)
     kl_weight: float = 1e-6  # beta at the end of annealing, on the KL summed per volume / voxels
     kl_schedule: str = "linear"  # constant, linear, sigmoid or cyclical
     kl_warmup_steps: int = 500  # steps from 0 to kl_weight (linear, sigmoid; per cycle for cyclical)
@@ -157,6 +158,10 @@ class LossConfig:
             raise ConfigError(f"loss.prior_std: must be > 0, got {self.prior_std}")
         if self.kl_weight < 0 or self.free_bits < 0:
             raise ConfigError("loss.kl_weight and loss.free_bits must be >= 0")
+        if self.ssim_weight < 0 or self.gradient_weight < 0:
+            raise ConfigError(
+                f"loss.ssim_weight and loss.gradient_weight must be >= 0, got {self.ssim_weight} and {self.gradient_weight}"
+            )
 
 
 @dataclass
