@@ -160,7 +160,8 @@ class LossConfig:
             raise ConfigError("loss.kl_weight and loss.free_bits must be >= 0")
         if self.ssim_weight < 0 or self.gradient_weight < 0:
             raise ConfigError(
-                f"loss.ssim_weight and loss.gradient_weight must be >= 0, got {self.ssim_weight} and {self.gradient_weight}"
+                "loss.ssim_weight and loss.gradient_weight must be >= 0, "
+                f"got {self.ssim_weight} and {self.gradient_weight}"
             )
 
 

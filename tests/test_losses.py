@@ -179,7 +179,7 @@ def test_gradient_term_sees_edges_not_offsets():
     target = torch.zeros(1, 1, 12, 12, 12)
     target[..., 6:, :, :] = 1.0  # one sharp edge across D
     _, parts = reconstruction_loss(target + 0.25, target, kind="l1", gradient_weight=1.0)
-    assert parts["gradient"] == pytest.approx(0.0, abs=1e-7) and parts["l1"] == pytest.approx(0.25)
+    assert parts["gradient_difference"] == pytest.approx(0.0, abs=1e-7) and parts["l1"] == pytest.approx(0.25)
     blurred = target.clone()
     blurred[..., 5, :, :], blurred[..., 6, :, :] = 1 / 3, 2 / 3  # the step spread over three voxels
     plain, _ = reconstruction_loss(blurred, target, kind="l1")
@@ -187,7 +187,7 @@ def test_gradient_term_sees_edges_not_offsets():
     # D differences: target 1 at one position, blurred 1/3 at three; |diff| = 1/3 + 2/3 + 1/3 per (h, w),
     # over 11 x 12 x 12 positions; H and W differences are equal (0).
     expected = (4 / 3) / 11 / 3
-    assert parts["gradient"] == pytest.approx(expected, rel=1e-5)
+    assert parts["gradient_difference"] == pytest.approx(expected, rel=1e-5)
     assert with_edges.item() == pytest.approx(plain.item() + 0.5 * expected, rel=1e-5)
 
 
@@ -195,8 +195,8 @@ def test_vae_loss_passes_the_gradient_weight():
     output, x = _tiny_output()
     without, parts0 = VAELoss(LossConfig())(output, x, step=0)
     with_edges, parts = VAELoss(LossConfig(gradient_weight=2.0))(output, x, step=0)
-    assert "gradient" not in parts0 and parts["gradient"] > 0
-    assert with_edges.item() == pytest.approx(without.item() + 2.0 * parts["gradient"], rel=1e-5)
+    assert "gradient_difference" not in parts0 and parts["gradient_difference"] > 0
+    assert with_edges.item() == pytest.approx(without.item() + 2.0 * parts["gradient_difference"], rel=1e-5)
 
 
 def test_negative_reconstruction_weights_are_refused():

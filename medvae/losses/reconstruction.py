@@ -61,7 +61,7 @@ def reconstruction_loss(
 
     Returns:
         loss: scalar float32 tensor; parts: {kind: float, "ssim": float (only when ssim_weight > 0),
-        "gradient": float (only when gradient_weight > 0)}.
+        "gradient_difference": float (only when gradient_weight > 0)}.
     """
     if recon.shape != target.shape:
         raise ValueError(f"reconstruction_loss: recon {tuple(recon.shape)} and target {tuple(target.shape)} differ")
@@ -78,6 +78,6 @@ def reconstruction_loss(
             loss = loss + ssim_weight * one_minus_ssim
         if gradient_weight > 0:
             edge_term = gradient_difference_loss(recon, target)
-            parts["gradient"] = float(edge_term.detach())
+            parts["gradient_difference"] = float(edge_term.detach())
             loss = loss + gradient_weight * edge_term
     return loss, parts

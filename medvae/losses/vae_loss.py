@@ -49,7 +49,7 @@ class VAELoss:
             step: optimizer step (0-based), drives beta and the adversarial start.
             discriminator_logits: D(reconstruction) logits (B, 1, d, h, w), needed once adversarial_active.
 
-        parts: floats "loss", "rec", "l1" or "mse", "ssim" and "gradient" (if used), "kl" (nats per volume),
+        parts: floats "loss", "rec", "l1" or "mse", "ssim" and "gradient_difference" (if used), "kl" (nats per volume),
         "kl_per_element", "kl_loss" (per voxel, with free bits), "kl_weighted" (beta * kl_loss),
         "beta", "g_adv" (when active), and "kl_per_channel", a detached (c,) tensor.
         """

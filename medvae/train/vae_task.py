@@ -64,7 +64,7 @@ class VAETask(TrainingTask):
         self.discriminator, self.disc_optimizer = accelerator.prepare(discriminator, optimizer)
 
     def loss(self, model, batch: dict, step: int, generator: torch.Generator):
-        """L1/MSE (+SSIM) reconstruction + beta(step) * KL [+ adversarial], float32 (VAELoss)."""
+        """L1/MSE (+SSIM, +edge term) reconstruction + beta(step) * KL [+ adversarial], float32 (VAELoss)."""
         image = batch["image"]  # (B, C, D, H, W); a MetaTensor's metadata stays with the data pipeline
         x = image.as_tensor() if hasattr(image, "as_tensor") else image
         output = model(x, generator=generator)
