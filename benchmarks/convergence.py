@@ -223,7 +223,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--monai-lrs", type=float, nargs="*", default=[1e-4, 1e-3])
     parser.add_argument("--variant", action="append", default=None,
-                        help="NAME=key=value,key=value: a medvae recipe to run (default: 'default=')")
+                        help="NAME=key=value,key=value: a medvae recipe to run (default: 'default='); 'none' runs "
+                             "only the MONAI recipes, to add their seeds to an earlier run (join them with --merge)")
     parser.add_argument("--train-crops", type=int, default=256, help="distinct training crops (cycled)")
     parser.add_argument("--heldout-per-head", type=int, default=4)
     parser.add_argument("--targets", type=float, nargs="+", default=[15.0, 18.0, 20.0])
@@ -233,6 +234,8 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="print one table from the runs of these JSON files (same protocol) and exit")
     args = parser.parse_args()
+    if args.variant and "none" in args.variant and (len(args.variant) > 1 or not args.monai_lrs):
+        parser.error("--variant none runs only the MONAI recipes: give --monai-lrs and no other --variant")
     if args.merge:
         merge(args.merge, args.targets)
         return
@@ -240,6 +243,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     variants = {}
     for spec in args.variant or ["default="]:
+        if spec == "none":
+            continue
         name, _, overrides = spec.partition("=")
         variants[name] = [o for o in re.split(r",(?![^\[]*\])", overrides) if o]  # commas inside [..] stay
 

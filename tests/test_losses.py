@@ -237,7 +237,7 @@ def test_vae_loss_combines_terms_with_the_scheduled_beta():
     output, x = _tiny_output()
     loss_fn = VAELoss(cfg)
     total, parts = loss_fn(output, x, step=5)
-    rec, _ = reconstruction_loss(output.reconstruction, x, kind="l1")
+    rec, _ = reconstruction_loss(output.reconstruction, x, kind=cfg.reconstruction)
     kl, _ = kl_loss(output.mean, output.logvar, voxels_per_volume=x[0].numel())
     assert parts["beta"] == pytest.approx(0.25)
     assert total.item() == pytest.approx(rec.item() + 0.25 * kl.item(), rel=1e-6)
