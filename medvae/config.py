@@ -119,7 +119,8 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    reconstruction: str = "l1"  # l1 or mse, averaged over voxels
+    reconstruction: str = "l1"  # l1, mse or huber (MSE inside +-huber_delta, linear beyond), averaged over voxels
+    huber_delta: float = 1.0  # huber: error (input intensity units) where the squared error turns linear
     ssim_weight: float = 0.0  # weight of (1 - SSIM) added to the reconstruction term
     ssim_data_range: Optional[float] = None  # intensity range for SSIM's constants; None: the target's max - min
     gradient_weight: float = 0.0  # weight of the L1 between recon and target spatial gradients (an edge term)
@@ -140,7 +141,7 @@ class LossConfig:
     perceptual_weight: float = 0.0  # only networks that need no download; off by default
 
     def __post_init__(self) -> None:
-        _choice("loss", "reconstruction", self.reconstruction, ("l1", "mse"))
+        _choice("loss", "reconstruction", self.reconstruction, ("l1", "mse", "huber"))
         _choice("loss", "kl_schedule", self.kl_schedule, ("constant", "linear", "sigmoid", "cyclical"))
         _choice("loss", "adversarial_loss", self.adversarial_loss, ("hinge", "lsgan"))
         _choice("loss", "discriminator_norm", self.discriminator_norm, ("group", "none"))
@@ -158,6 +159,8 @@ class LossConfig:
             raise ConfigError(f"loss.prior_std: must be > 0, got {self.prior_std}")
         if self.kl_weight < 0 or self.free_bits < 0:
             raise ConfigError("loss.kl_weight and loss.free_bits must be >= 0")
+        if self.huber_delta <= 0:
+            raise ConfigError(f"loss.huber_delta: must be > 0, got {self.huber_delta}")
         if self.ssim_weight < 0 or self.gradient_weight < 0:
             raise ConfigError(
                 "loss.ssim_weight and loss.gradient_weight must be >= 0, "

@@ -174,6 +174,25 @@ def test_reconstruction_ssim_term():
     assert with_ssim.item() == pytest.approx(plain.item() + 0.5 * (1 - parts["ssim"]), rel=1e-5)
 
 
+def test_huber_is_mse_inside_delta_and_has_l1_s_bounded_gradient_beyond():
+    g = torch.Generator().manual_seed(6)
+    target = torch.rand(2, 1, 8, 8, 8, generator=g)
+    close = target + 0.3 * (torch.rand(2, 1, 8, 8, 8, generator=g) - 0.5)  # every error inside delta = 1
+    huber, parts = reconstruction_loss(close, target, kind="huber")
+    mse, _ = reconstruction_loss(close, target, kind="mse")
+    assert huber.item() == pytest.approx(mse.item(), rel=1e-6) and parts == {"huber": pytest.approx(huber.item())}
+    # raw-HU-sized errors: the loss is linear, and the gradient per voxel is 2 * delta / N, not 2 * error / N
+    far = (target + 3000.0).requires_grad_(True)
+    loss, _ = reconstruction_loss(far, target, kind="huber", huber_delta=0.5)
+    assert loss.item() == pytest.approx(2 * 0.5 * 3000.0 - 0.25, rel=1e-4)
+    loss.backward()
+    assert far.grad.abs().max().item() == pytest.approx(2 * 0.5 / target.numel(), rel=1e-5)
+    with pytest.raises(ValueError, match="huber_delta"):
+        reconstruction_loss(close, target, kind="huber", huber_delta=0.0)
+    with pytest.raises(ConfigError, match="huber_delta"):
+        LossConfig(huber_delta=-1.0)
+
+
 def test_gradient_term_sees_edges_not_offsets():
     """The edge term is blind to a constant offset, grows when an edge is blurred, and adds with its weight."""
     target = torch.zeros(1, 1, 12, 12, 12)
@@ -218,8 +237,8 @@ def test_reconstruction_is_float32_under_autocast(dtype):
 def test_reconstruction_rejects_mismatched_shapes_and_kinds():
     with pytest.raises(ValueError, match="differ"):
         reconstruction_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 5))
-    with pytest.raises(ValueError, match="huber"):
-        reconstruction_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), kind="huber")
+    with pytest.raises(ValueError, match="charbonnier"):
+        reconstruction_loss(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4), kind="charbonnier")
 
 
 # -- the whole VAE loss ---------------------------------------------------------------------------

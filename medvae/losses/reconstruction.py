@@ -49,12 +49,17 @@ def reconstruction_loss(
     ssim_weight: float = 0.0,
     ssim_data_range: float | None = None,
     gradient_weight: float = 0.0,
+    huber_delta: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     """Reconstruction term, float32 whatever autocast is active.
 
     Args:
         recon, target: (B, C, D, H, W), same shape, any float dtype (upcast to float32 first).
-        kind: "l1" (mean absolute error) or "mse" (mean squared error), averaged over every voxel.
+        kind: "l1" (mean absolute error), "mse" (mean squared error) or "huber" (the squared error
+            where |error| <= huber_delta, 2 * huber_delta * |error| - huber_delta**2 beyond), averaged
+            over every voxel. "huber" is MSE on normalised intensities, and its gradient is bounded
+            like L1's (2 * huber_delta per voxel) where errors are large, as in raw HU under fp16.
+        huber_delta: where "huber" turns from quadratic to linear, in input intensity units.
         ssim_weight: weight of (1 - SSIM) added to the voxel term; 0 skips SSIM.
         ssim_data_range: intensity range for SSIM; None takes the target's max - min.
         gradient_weight: weight of ``gradient_difference_loss`` added to the voxel term; 0 skips it.
@@ -65,11 +70,18 @@ def reconstruction_loss(
     """
     if recon.shape != target.shape:
         raise ValueError(f"reconstruction_loss: recon {tuple(recon.shape)} and target {tuple(target.shape)} differ")
-    if kind not in ("l1", "mse"):
-        raise ValueError(f"reconstruction_loss: kind must be 'l1' or 'mse', got {kind!r}")
+    if kind not in ("l1", "mse", "huber"):
+        raise ValueError(f"reconstruction_loss: kind must be 'l1', 'mse' or 'huber', got {kind!r}")
+    if huber_delta <= 0:
+        raise ValueError(f"reconstruction_loss: huber_delta must be > 0, got {huber_delta}")
     with torch.autocast(device_type=recon.device.type, enabled=False):
         recon, target = recon.float(), target.float()
-        voxel_term = F.l1_loss(recon, target) if kind == "l1" else F.mse_loss(recon, target)
+        if kind == "l1":
+            voxel_term = F.l1_loss(recon, target)
+        elif kind == "mse":
+            voxel_term = F.mse_loss(recon, target)
+        else:  # the squared error inside +-delta, linear (slope 2 delta) beyond: MSE with a bounded gradient
+            voxel_term = 2.0 * F.huber_loss(recon, target, delta=huber_delta)
         parts = {kind: float(voxel_term.detach())}
         loss = voxel_term
         if ssim_weight > 0:

@@ -17,7 +17,7 @@ class VAELoss:
 
     total = rec + beta(step) * kl  [+ adversarial_weight * g_adv once ``adversarial_active(step)``]
 
-    where rec is the voxel mean of L1/MSE (+ ssim_weight * (1 - SSIM) + gradient_weight * the L1 of
+    where rec is the voxel mean of L1/MSE/Huber (+ ssim_weight * (1 - SSIM) + gradient_weight * the L1 of
     the spatial-gradient difference), and kl is the KL per input
     voxel with free bits (see ``medvae.losses.kl``). Everything is upcast to float32 before use.
     """
@@ -49,8 +49,8 @@ class VAELoss:
             step: optimizer step (0-based), drives beta and the adversarial start.
             discriminator_logits: D(reconstruction) logits (B, 1, d, h, w), needed once adversarial_active.
 
-        parts: floats "loss", "rec", "l1" or "mse", "ssim" and "gradient_difference" (if used), "kl" (nats per volume),
-        "kl_per_element", "kl_loss" (per voxel, with free bits), "kl_weighted" (beta * kl_loss),
+        parts: floats "loss", "rec", "l1", "mse" or "huber", "ssim" and "gradient_difference" (if used),
+        "kl" (nats per volume), "kl_per_element", "kl_loss" (per voxel, with free bits), "kl_weighted" (beta * kl_loss),
         "beta", "g_adv" (when active), and "kl_per_channel", a detached (c,) tensor.
         """
         cfg = self.cfg
@@ -61,6 +61,7 @@ class VAELoss:
             ssim_weight=cfg.ssim_weight,
             ssim_data_range=cfg.ssim_data_range,
             gradient_weight=cfg.gradient_weight,
+            huber_delta=cfg.huber_delta,
         )
         kl, kl_parts = kl_loss(
             output.mean,
