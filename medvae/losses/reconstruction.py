@@ -1,4 +1,4 @@
-"""Voxel reconstruction terms in float32: L1 or MSE averaged over voxels, optionally plus 1 - SSIM
+"""Voxel reconstruction terms in float32: L1, MSE or Huber averaged over voxels, optionally plus 1 - SSIM
 and an edge term (L1 between the spatial gradients of reconstruction and target)."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def reconstruction_loss(
         recon, target: (B, C, D, H, W), same shape, any float dtype (upcast to float32 first).
         kind: "l1" (mean absolute error), "mse" (mean squared error) or "huber" (the squared error
             where |error| <= huber_delta, 2 * huber_delta * |error| - huber_delta**2 beyond), averaged
-            over every voxel. "huber" is MSE on normalised intensities, and its gradient is bounded
+            over every voxel. "huber" equals MSE wherever |error| <= huber_delta, and its gradient is bounded
             like L1's (2 * huber_delta per voxel) where errors are large, as in raw HU under fp16.
         huber_delta: where "huber" turns from quadratic to linear, in input intensity units.
         ssim_weight: weight of (1 - SSIM) added to the voxel term; 0 skips SSIM.
