@@ -15,6 +15,7 @@ see the shortcuts: only the training loop and validation (``encode``/``decode``)
 real means new ops in medvae.models, the bounded runner and their parity tests (issue 10's rules).
 
     python benchmarks/shortcut_probe.py --seeds 0 1 2 [--no-shortcut] [--logvar-bias -4] --json out.json
+    python benchmarks/shortcut_probe.py --seeds 0 --monai-lr 1e-4 --json out.json   # MONAI with the same shortcuts
 
 Same data, crops and scoring as ``convergence.py --spacing 2 --crop 24 --train-crops 64
 --heldout-per-head 8`` with medvae's default (4 x 16^3 per step); prints each curve and writes JSON.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import build_data, medvae_run  # noqa: E402
+from convergence import build_data, medvae_run, monai_run  # noqa: E402
 from real_volumes import write_nifti_folder  # noqa: E402
 
 
@@ -63,6 +64,22 @@ def install(shortcut: bool, logvar_bias: float) -> None:
         vae.VAE3D.encode, vae.VAE3D.decode = encode_with_shortcut, decode_with_shortcut
 
 
+def install_monai() -> None:
+    """The same two shortcuts around MONAI's AutoencoderKL (x4: the comparison architecture), in this process."""
+    from monai.networks.nets import AutoencoderKL
+
+    encode, decode = AutoencoderKL.encode, AutoencoderKL.decode
+
+    def encode_with_shortcut(self, x):
+        z_mu, z_sigma = encode(self, x)
+        return z_mu + F.avg_pool3d(x.float(), 4).mean(1, keepdim=True).expand_as(z_mu), z_sigma
+
+    def decode_with_shortcut(self, z):
+        return decode(self, z) + F.interpolate(z.mean(1, keepdim=True), scale_factor=4, mode="nearest")
+
+    AutoencoderKL.encode, AutoencoderKL.decode = encode_with_shortcut, decode_with_shortcut
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -70,12 +87,17 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--no-shortcut", action="store_true", help="only the logvar bias")
     parser.add_argument("--logvar-bias", type=float, default=-4.0)
+    parser.add_argument("--monai-lr", type=float, default=None,
+                        help="train MONAI's AutoencoderKL (tutorial recipe, this lr) with the same shortcuts instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "medvae-benchmarks")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    install(not args.no_shortcut, args.logvar_bias)
+    if args.monai_lr is None:
+        install(not args.no_shortcut, args.logvar_bias)
+    elif not args.no_shortcut:
+        install_monai()
 
     train, heldout, heads = build_data(2.0, 24, 64, 8, args.cache)
     work = Path(tempfile.mkdtemp(prefix="medvae-shortcut-probe-"))
@@ -83,6 +105,13 @@ def main() -> None:
     heldout_dir = write_nifti_folder(heldout, work / "heldout", prefix="heldout")
     runs = []
     for seed in args.seeds:
+        if args.monai_lr is not None:
+            result = monai_run([torch.from_numpy(c)[None, None] for c in train],
+                               [torch.from_numpy(c)[None, None] for c in heldout], lr=args.monai_lr,
+                               steps=args.steps, eval_every=args.eval_every, seed=seed)
+            runs.append({"seed": seed, "system": f"monai lr={args.monai_lr:g}", **result})
+            print(seed, " ".join(f"{c['step']}:{c['psnr']:.2f}" for c in result["curve"]), flush=True)
+            continue
         result = medvae_run(train_dir, heldout_dir, work / f"seed{seed}",
                             overrides=["data.batch_size=4", "data.patch_size=[16,16,16]"], crop=24, steps=args.steps,
                             eval_every=args.eval_every, seed=seed)
@@ -93,7 +122,7 @@ def main() -> None:
     from medvae.atomic import atomic_file
 
     with atomic_file(args.json) as tmp:
-        tmp.write_text(json.dumps({"shortcut": not args.no_shortcut, "logvar_bias": args.logvar_bias,
+        tmp.write_text(json.dumps({"system": "monai" if args.monai_lr is not None else "medvae", "shortcut": not args.no_shortcut, "logvar_bias": args.logvar_bias,
                                    "steps": args.steps, "heldout_heads": heads, "runs": runs}, indent=1) + "\n")
     print(f"wrote {args.json}")
 
