@@ -2,8 +2,8 @@
 
 ``convergence.py`` scores every system on crops of three real individual heads that are not in
 training. This script scores fixed, training-free or linear reconstructions of exactly those crops
-(the same ``build_data`` call, so the same crops), the way ``convergence.py`` scores a model (MONAI's
-PSNRMetric, data range 1, averaged over crops). It tells how far a recipe can still move the number,
+(the same ``build_data`` call, so the same crops) with ``convergence.py``'s own ``score`` (PSNR and
+SSIM, data range 1, averaged over crops). It tells how far a recipe can still move the number,
 and how much of the gap to the target is the scans' noise:
 
 - each crop's mean value everywhere;
@@ -31,18 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence import build_data  # noqa: E402
+from convergence import build_data, score  # noqa: E402
 from demo_ceiling import laplacian_noise_std  # noqa: E402
-
-
-def mean_psnr(reconstructions: list[torch.Tensor], crops: list[torch.Tensor]) -> float:
-    """Mean over crops of the PSNR (data range 1) of (1, 1, D, H, W) reconstructions, both clamped to [0, 1]."""
-    from monai.metrics import PSNRMetric
-
-    metric = PSNRMetric(max_val=1.0)
-    for recon, x in zip(reconstructions, crops):
-        metric(recon.float().clamp(0, 1), x)
-    return float(metric.aggregate().item())
 
 
 def blocks(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -91,34 +81,35 @@ def main() -> None:
     latent_numbers = 3  # the comparison architecture's latent channels per b^3 block
     pca_train, pca_oracle = BlockPCA(train, b), BlockPCA(heldout, b)
 
-    rows: list[tuple[str, float]] = []
-    rows.append(("each crop's mean value everywhere", mean_psnr([torch.full_like(x, float(x.mean())) for x in heldout],
-                                                               heldout)))
-    rows.append((f"x{b} block average, trilinear back up (1 number per {b}^3 block)", mean_psnr(
-        [F.interpolate(F.avg_pool3d(x, b), size=x.shape[2:], mode="trilinear", align_corners=False) for x in heldout],
-        heldout)))
+    references = {
+        "each crop's mean value everywhere": lambda x: torch.full_like(x, float(x.mean())),
+        f"x{b} block average, trilinear back up (1 number per {b}^3 block)":
+            lambda x: F.interpolate(F.avg_pool3d(x, b), size=x.shape[2:], mode="trilinear", align_corners=False),
+    }
     for k in (1, latent_numbers, 6, 12):
         label = f"block PCA, {k} per {b}^3 block, fitted on the training crops"
         if k == latent_numbers:
             label += f" ({b**3 / k:.0f}x: the latent's compression)"
-        rows.append((label, mean_psnr([pca_train.reconstruct(x, k) for x in heldout], heldout)))
-    rows.append((f"block PCA, {latent_numbers} per {b}^3 block, fitted on the held-out crops (oracle)",
-                 mean_psnr([pca_oracle.reconstruct(x, latent_numbers) for x in heldout], heldout)))
+        references[label] = lambda x, k=k: pca_train.reconstruct(x, k)
+    references[f"block PCA, {latent_numbers} per {b}^3 block, fitted on the held-out crops (oracle)"] = (
+        lambda x: pca_oracle.reconstruct(x, latent_numbers))
+    rows = [(label, *score(reconstruct, heldout)) for label, reconstruct in references.items()]
     noise = [laplacian_noise_std(x[0, 0]) for x in heldout]
     rows.append((f"a perfect denoiser (noise std median {float(np.median(noise)):.3f})",
-                 float(np.mean([-20 * math.log10(s) for s in noise]))))
+                 float(np.mean([-20 * math.log10(s) for s in noise])), float("nan")))
 
     print(f"{len(heldout)} held-out crops of {args.crop}^3 at {args.spacing:g} mm from {', '.join(heads)}")
-    print("| reconstruction of the held-out crops | PSNR (dB), mean over crops |\n|---|---|")
-    for label, value in rows:
-        print(f"| {label} | {value:.2f} |")
+    print("| reconstruction of the held-out crops | PSNR (dB) | SSIM |\n|---|---|---|")
+    for label, psnr, ssim in rows:
+        print(f"| {label} | {psnr:.2f} | {ssim:.3f} |")
     if args.json:
         from medvae.atomic import atomic_file
 
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps({"spacing_mm": args.spacing, "crop": args.crop, "train_crops": args.train_crops,
                        "heldout_heads": heads, "heldout_crops": len(heldout), "noise_std": noise,
-                       "rows": [{"row": label, "psnr_db": value} for label, value in rows]}, indent=1) + "\n")
+                       "rows": [{"row": label, "psnr_db": psnr, "ssim": None if math.isnan(ssim) else ssim}
+                                            for label, psnr, ssim in rows]}, indent=1) + "\n")
         print(f"wrote {args.json}")
 
 

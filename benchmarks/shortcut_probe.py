@@ -109,12 +109,10 @@ def main() -> None:
             result = monai_run([torch.from_numpy(c)[None, None] for c in train],
                                [torch.from_numpy(c)[None, None] for c in heldout], lr=args.monai_lr,
                                steps=args.steps, eval_every=args.eval_every, seed=seed)
-            runs.append({"seed": seed, "system": f"monai lr={args.monai_lr:g}", **result})
-            print(seed, " ".join(f"{c['step']}:{c['psnr']:.2f}" for c in result["curve"]), flush=True)
-            continue
-        result = medvae_run(train_dir, heldout_dir, work / f"seed{seed}",
-                            overrides=["data.batch_size=4", "data.patch_size=[16,16,16]"], crop=24, steps=args.steps,
-                            eval_every=args.eval_every, seed=seed)
+        else:
+            result = medvae_run(train_dir, heldout_dir, work / f"seed{seed}",
+                                overrides=["data.batch_size=4", "data.patch_size=[16,16,16]"], crop=24,
+                                steps=args.steps, eval_every=args.eval_every, seed=seed)
         runs.append({"seed": seed, **result})
         print(seed, " ".join(f"{c['step']}:{c['psnr']:.2f}" for c in result["curve"]),
               f"guard actions {result['guard_actions']}", flush=True)

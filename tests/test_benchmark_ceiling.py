@@ -51,6 +51,6 @@ def test_block_pca_is_exact_with_enough_components_and_only_then(ceiling):
 
 
 def test_psnr_is_scored_as_the_convergence_benchmark_scores_it(ceiling):
-    x = torch.full((1, 1, 4, 4, 4), 0.5)
-    assert ceiling.mean_psnr([x + 0.1], [x]) == pytest.approx(20.0, abs=1e-4)
-    assert ceiling.mean_psnr([x + 2.0], [x]) == pytest.approx(-20 * torch.log10(torch.tensor(0.5)).item(), abs=1e-4)
+    x = torch.full((1, 1, 8, 8, 8), 0.5)  # SSIM's 7^3 window needs 7 voxels a side
+    assert ceiling.score(lambda v: v + 0.1, [x])[0] == pytest.approx(20.0, abs=1e-4)
+    assert ceiling.score(lambda v: v + 2.0, [x])[0] == pytest.approx(-20 * torch.log10(torch.tensor(0.5)).item(), abs=1e-4)
