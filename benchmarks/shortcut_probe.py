@@ -1,6 +1,9 @@
-"""Probe of an unbuilt design: parameter-free shortcuts around the VAE, on convergence.py's protocol.
+"""The probe that led to ``model.shortcut``: parameter-free shortcuts wrapped around the VAE.
 
-NOT a medvae feature. The ceiling table in RESULTS.md ("Where the held-out number can go") shows a x4
+medvae now has the shortcut built in (``medvae.models.shortcut``, on by default; RESULTS.md, "The
+latent shortcut"). This script is kept as the record of the probe and for MONAI's AutoencoderKL with
+the same shortcuts (``--monai-lr``). Its medvae runs set ``model.shortcut=false`` so that the wrapper
+below is the only shortcut. The ceiling table in RESULTS.md ("Where the held-out number can go") shows a x4
 block average beating both VAEs after 300 steps. This probe asks whether a model that starts from
 that code learns faster. It wraps ``VAE3D.encode``/``decode`` inside this process only (after
 DC-AE's residual autoencoding, simplified):
@@ -10,9 +13,8 @@ DC-AE's residual autoencoding, simplified):
 - ``--logvar-bias B``: the moments convolution's logvar bias starts at B instead of 0, so the decoder
   does not first see N(0, 1) noise on top of the shortcut.
 
-Nothing here follows the model's op list, so the memory-bounded runner (medvae.inference) does not
-see the shortcuts: only the training loop and validation (``encode``/``decode``) do. Building it for
-real means new ops in medvae.models, the bounded runner and their parity tests (issue 10's rules).
+The wrapper is seen only by the training loop and validation (``encode``/``decode``); the built
+shortcut is also applied by the memory-bounded runner (medvae.inference), with parity tests.
 
     python benchmarks/shortcut_probe.py --seeds 0 1 2 [--no-shortcut] [--logvar-bias -4] --json out.json
     python benchmarks/shortcut_probe.py --seeds 0 --monai-lr 1e-4 --json out.json   # MONAI with the same shortcuts
@@ -111,7 +113,7 @@ def main() -> None:
                                steps=args.steps, eval_every=args.eval_every, seed=seed)
         else:
             result = medvae_run(train_dir, heldout_dir, work / f"seed{seed}",
-                                overrides=["data.batch_size=4", "data.patch_size=[16,16,16]"], crop=24,
+                                overrides=["data.batch_size=4", "data.patch_size=[16,16,16]", "model.shortcut=false"], crop=24,
                                 steps=args.steps, eval_every=args.eval_every, seed=seed)
         runs.append({"seed": seed, **result})
         print(seed, " ".join(f"{c['step']}:{c['psnr']:.2f}" for c in result["curve"]),

@@ -82,6 +82,9 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{directory / CONFIG_NAME}: not a medvae export config")
     if not isinstance(config.get("model"), dict):
         raise ValueError(f"{directory / CONFIG_NAME}: no model architecture ('model' must be a mapping)")
+    # Exports written before model.shortcut existed were trained without it (it has no weights, so
+    # the default must not be applied to them silently).
+    config["model"].setdefault("shortcut", False)
     _check_prior_description(directory, (config.get("extra") or {}).get("prior"))
     return config
 

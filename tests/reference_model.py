@@ -65,6 +65,33 @@ def reference_run(ops, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> t
     return x
 
 
+def _block_means(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Each f^3 block's mean over all channels, by reshaping: (B, 1, D/f, H/f, W/f)."""
+    b, c, d, h, w = x.shape
+    return x.reshape(b, c, d // f, f, h // f, f, w // f, f).mean(dim=(1, 3, 5, 7)).unsqueeze(1)
+
+
+def reference_encode(model, x: torch.Tensor, dtype: torch.dtype = torch.float64):
+    """(mean, logvar) of ``model`` (a VAE3D): the encoder's op list by ``reference_run``, plus the
+    shortcut's clamped block average when ``model.arch.shortcut`` (before logvar's clamp)."""
+    from medvae.models.shortcut import POOLED_LIMIT
+
+    mean, logvar = reference_run(model.encoder.ops(), x, dtype).chunk(2, dim=1)
+    if model.arch.shortcut:
+        mean = mean + _block_means(x.to(dtype), model.downsampling_factor).clamp(-POOLED_LIMIT, POOLED_LIMIT)
+    return mean, logvar
+
+
+def reference_decode(model, z: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Voxels of ``model`` (a VAE3D) from ``z``: the decoder's op list plus, with the shortcut, z's
+    channel mean repeated over each f^3 block."""
+    out = reference_run(model.decoder.ops(), z, dtype)
+    if model.arch.shortcut:
+        f = model.downsampling_factor
+        out = out + z.to(dtype).mean(1, keepdim=True).repeat_interleave(f, 2).repeat_interleave(f, 3).repeat_interleave(f, 4)
+    return out
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """``model`` with every parameter moved by N(0, scale): zero-initialised residual branches count."""
     generator = torch.Generator().manual_seed(seed)

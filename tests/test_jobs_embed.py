@@ -61,8 +61,12 @@ def test_rows_hold_mean_pooled_latents_shape_and_provenance(export, scans, tmp_p
         latent = nib.load(row["latent_file"]).get_fdata()  # (d, h, w, C)
         assert latent.shape == (9, 10, 9, 2)
         np.testing.assert_allclose(latent.mean(axis=(0, 1, 2)), row["embedding"], rtol=1e-5)
-        # the spatial pooling's 8 cells average to the global one (the grid does not split evenly, so only roughly)
-        np.testing.assert_allclose(row["spatial_embedding"].reshape(2, 8).mean(1), row["embedding"], atol=0.05)
+        # the spatial pooling's 8 cells: adaptive cells [floor(i n / 2), ceil((i + 1) n / 2)) per axis,
+        # overlapping by one voxel where n is odd (9 -> [0, 5), [4, 9); 10 -> [0, 5), [5, 10))
+        spans = [[(0, 5), (4, 9)], [(0, 5), (5, 10)], [(0, 5), (4, 9)]]
+        cells = [latent[a0:a1, b0:b1, c0:c1].mean(axis=(0, 1, 2))
+                 for (a0, a1) in spans[0] for (b0, b1) in spans[1] for (c0, c1) in spans[2]]
+        np.testing.assert_allclose(row["spatial_embedding"].reshape(2, 8), np.stack(cells, axis=1), rtol=1e-5, atol=1e-6)
 
 
 def test_latent_grid_affine_is_spacing_times_factor_with_origin_at_the_first_latent_voxel(export, tmp_path):

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medvae import VAE3D, VAEOutput
 from medvae.models import DiagonalGaussian
+from medvae.models.shortcut import POOLED_LIMIT
 
 TINY = dict(channels=[8, 16], norm_num_groups=4, latent_channels=2)
 
@@ -58,24 +60,37 @@ def _phantom(shape=(32, 32, 32)):
 
 @pytest.mark.parametrize("normalisation", ["unit_range", "zscore"])
 def test_initial_kl_per_element_is_near_the_prior(normalisation):
+    """The learned part of the posterior starts at the prior; the shortcut (on by default) adds the
+    input's block average to the mean, so the KL is that average's KL and nothing more."""
     torch.manual_seed(0)
     model = VAE3D()  # the comparison architecture: channels (32, 64, 64), latent 3
     x = _phantom()
     if normalisation == "zscore":
         x = (x - x.mean()) / x.std()
     with torch.no_grad():
-        posterior = model.encode(x)
-    per_element = posterior.kl_per_element().mean().item()
-    assert per_element < 0.1
+        kl = model.encode(x).kl_per_element().mean().item()
+        model.arch.shortcut = False
+        learned = model.encode(x).kl_per_element().mean().item()
+    block_average_kl = 0.5 * F.avg_pool3d(x, 4).square().mean().item()
+    assert learned < 0.01
+    assert abs(kl - block_average_kl) < 0.01
 
 
-def test_initial_kl_stays_small_on_unnormalised_hounsfield_units():
+def test_initial_kl_stays_bounded_on_unnormalised_hounsfield_units():
+    """Raw HU: the learned part starts at the prior, and the shortcut's term saturates (at most
+    POOLED_LIMIT^2 / 2 per element), so a 10x larger scale does not make the KL larger."""
     torch.manual_seed(0)
     model = VAE3D()
-    x = _phantom() * 3000 - 1024  # raw CT range
-    with torch.no_grad():
-        per_element = model.encode(x).kl_per_element().mean().item()
-    assert per_element < 0.1
+    kls = []
+    for scale in (3000, 30000):
+        x = _phantom() * scale - 1024  # raw CT range, and ten times wider
+        with torch.no_grad():
+            kls.append(model.encode(x).kl_per_element().mean().item())
+            model.arch.shortcut = False
+            assert model.encode(x).kl_per_element().mean().item() < 0.1
+            model.arch.shortcut = True
+    assert max(kls) <= 0.5 * POOLED_LIMIT**2 + 0.1
+    assert abs(kls[0] - kls[1]) < 0.1
 
 
 def test_train_mode_samples_and_eval_mode_uses_mean():

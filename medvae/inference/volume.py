@@ -124,8 +124,7 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
         if plan.one_pass:
             return model.encode(x)
         moments = run_plan(geometry, plan, x, _memory_format(model))
-    mean, logvar = moments.chunk(2, dim=1)
-    return DiagonalGaussian(mean, logvar)
+        return model.posterior(moments, x)
 
 
 def encode_latent(
@@ -148,4 +147,4 @@ def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = 
     with _inference(model):
         if plan.one_pass:
             return model.decode(z)
-        return run_plan(geometry, plan, z, _memory_format(model))
+        return model.output(run_plan(geometry, plan, z, _memory_format(model)), z, inplace=True)

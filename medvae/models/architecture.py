@@ -26,6 +26,9 @@ class VAE3DArchitecture:
     gradient_checkpointing: bool = False  # recompute residual blocks in backward: less memory, ~30% slower
     recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward: two fewer tensors per block
     channels_last: bool = True  # channels_last_3d memory format (faster conv3d on CPU and GPU)
+    # Parameter-free shortcuts (medvae.models.shortcut): the posterior mean gets the input's f^3 block
+    # average, the output gets the latent's channel mean upsampled x f. Same weights and compression.
+    shortcut: bool = True
 
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]

@@ -16,6 +16,7 @@ from medvae.models.blocks import Block, Downsample, MidBlock, ResBlock, Upsample
 from medvae.models.kernels import channels_last
 from medvae.models.ops import Activation, Conv, Norm, Op
 from medvae.models.posterior import DiagonalGaussian
+from medvae.models.shortcut import add_pooled_input, add_upsampled_latent
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
 # posterior starts at the prior and the initial KL is near zero whatever the input scale.
@@ -122,7 +123,9 @@ class VAE3D(nn.Module):
 
     ``model(x)`` -> ``VAEOutput(reconstruction, mean, logvar)`` (sampling z in training mode, the
     posterior mean in eval mode unless ``sample_posterior`` says otherwise);
-    ``model.encode(x)`` -> ``DiagonalGaussian``; ``model.decode(z)`` -> voxels.
+    ``model.encode(x)`` -> ``DiagonalGaussian``; ``model.decode(z)`` -> voxels. With ``shortcut``
+    (the default), encode adds the input's block average to the posterior mean and decode adds the
+    latent's upsampled channel mean to the voxels (``medvae.models.shortcut``).
     Keyword arguments are the fields of ``VAE3DArchitecture``.
     """
 
@@ -164,9 +167,24 @@ class VAE3D(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """(B, C, D, H, W) voxels -> posterior over (B, latent_channels, D/f, H/f, W/f)."""
-        moments = self.encoder(self._check_input(x))
+        x = self._check_input(x)
+        return self.posterior(self.encoder(x), x)
+
+    def posterior(self, moments: torch.Tensor, x: torch.Tensor) -> DiagonalGaussian:
+        """The posterior from the encoder's moments (B, 2 * latent_channels, d, h, w) and its input x:
+        with ``shortcut``, x's block average joins the mean. Whole-volume inference calls this too."""
         mean, logvar = moments.chunk(2, dim=1)
+        if self.arch.shortcut:
+            mean = add_pooled_input(mean, x, self.downsampling_factor)
         return DiagonalGaussian(mean, logvar)
+
+    def output(self, voxels: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """The decoded voxels from the decoder's output and its latent z: with ``shortcut``, z's channel
+        mean upsampled joins them (``inplace`` for a fresh tensor under no_grad). Whole-volume
+        inference calls this too."""
+        if self.arch.shortcut:
+            voxels = add_upsampled_latent(voxels, z, self.downsampling_factor, inplace=inplace)
+        return voxels
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, d, h, w) latent -> (B, out_channels, d*f, h*f, w*f) voxels."""
@@ -174,7 +192,7 @@ class VAE3D(nn.Module):
             raise ValueError(f"expected a latent (B, {self.arch.latent_channels}, d, h, w), got shape {tuple(z.shape)}")
         if self.arch.channels_last:
             z = channels_last(z)
-        return self.decoder(z)
+        return self.output(self.decoder(z), z)
 
     def forward(
         self, x: torch.Tensor, sample_posterior: bool | None = None, generator: torch.Generator | None = None
