@@ -65,7 +65,7 @@ def bounded(model, part, data, budget):
         result = run_plan(geometry, plan, data, torch.channels_last_3d)
         if part == "decoder":
             return plan, model.output(result, data, inplace=True)
-        posterior = model.posterior(result, data)
+        posterior = model.posterior(result, data, inplace=True)
         return plan, torch.cat([posterior.mean, posterior.logvar], 1)
 
 

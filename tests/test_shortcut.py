@@ -36,6 +36,20 @@ def test_pooled_input_is_the_block_mean_over_channels_in_any_slab_size(dtype, mo
     assert torch.equal(whole, slabs)
 
 
+def test_pooled_input_joins_the_mean_clamped_in_place_or_not():
+    torch.manual_seed(0)
+    blocks = torch.tensor([[-9.0, -1.0], [3.0, 8.0]]).reshape(1, 1, 2, 2, 1)  # beyond +-POOLED_LIMIT both sides
+    x = blocks.repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4) + 0.1 * torch.randn(1, 1, 8, 8, 4)
+    mean = torch.randn(1, 2, 2, 2, 1)
+    expected = mean + block_means(x, 4).float().clamp(-shortcut.POOLED_LIMIT, shortcut.POOLED_LIMIT)
+    assert block_means(x, 4).abs().max() > shortcut.POOLED_LIMIT
+    target = mean.clone()
+    in_place = add_pooled_input(target, x, 4, inplace=True)
+    assert in_place.data_ptr() == target.data_ptr()
+    assert (add_pooled_input(mean, x, 4) - expected).abs().max() < 1e-6
+    assert (in_place - expected).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 def test_upsampled_latent_in_place_equals_the_plain_upsample(memory_format):
     torch.manual_seed(0)

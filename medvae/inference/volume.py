@@ -3,7 +3,9 @@
 ``encode_volume`` / ``decode_volume`` run the model directly when its one-pass peak fits the budget;
 otherwise they split the network into streamed passes (``medvae.inference.planner``) whose
 convolutions see exactly the voxels they would see in one pass and whose GroupNorms use the
-statistics of the whole volume. No seams, no per-tile statistics, no blending.
+statistics of the whole volume. No seams, no per-tile statistics, no blending. The model's
+parameter-free shortcut (``model.shortcut``) needs only the full input and the full result, so both
+paths apply it with the model's own ``posterior`` / ``output`` methods (in place here).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
         if plan.one_pass:
             return model.encode(x)
         moments = run_plan(geometry, plan, x, _memory_format(model))
-        return model.posterior(moments, x)
+        return model.posterior(moments, x, inplace=True)
 
 
 def encode_latent(

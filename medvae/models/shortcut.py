@@ -44,10 +44,11 @@ def pooled_input(x: torch.Tensor, factor: int) -> torch.Tensor:
         return torch.cat(parts, dim=2).mean(dim=1, keepdim=True)
 
 
-def add_pooled_input(mean: torch.Tensor, x: torch.Tensor, factor: int) -> torch.Tensor:
+def add_pooled_input(mean: torch.Tensor, x: torch.Tensor, factor: int, inplace: bool = False) -> torch.Tensor:
     """The encoder shortcut: ``mean`` (B, L, d, h, w) float32 plus x's block average, clamped to
-    +-POOLED_LIMIT, on every channel."""
-    return mean + pooled_input(x, factor).clamp(-POOLED_LIMIT, POOLED_LIMIT).to(mean.dtype)
+    +-POOLED_LIMIT, on every channel. ``inplace``: add into ``mean`` (a fresh tensor, no gradient)."""
+    pooled = pooled_input(x, factor).clamp_(-POOLED_LIMIT, POOLED_LIMIT).to(mean.dtype)
+    return mean.add_(pooled) if inplace else mean + pooled
 
 
 def add_upsampled_latent(voxels: torch.Tensor, z: torch.Tensor, factor: int, inplace: bool = False) -> torch.Tensor:

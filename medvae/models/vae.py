@@ -170,12 +170,13 @@ class VAE3D(nn.Module):
         x = self._check_input(x)
         return self.posterior(self.encoder(x), x)
 
-    def posterior(self, moments: torch.Tensor, x: torch.Tensor) -> DiagonalGaussian:
+    def posterior(self, moments: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> DiagonalGaussian:
         """The posterior from the encoder's moments (B, 2 * latent_channels, d, h, w) and its input x:
-        with ``shortcut``, x's block average joins the mean. Whole-volume inference calls this too."""
+        with ``shortcut``, x's block average joins the mean (``inplace``: into ``moments``, a fresh
+        tensor under no_grad). Whole-volume inference calls this too."""
         mean, logvar = moments.chunk(2, dim=1)
         if self.arch.shortcut:
-            mean = add_pooled_input(mean, x, self.downsampling_factor)
+            mean = add_pooled_input(mean, x, self.downsampling_factor, inplace=inplace)
         return DiagonalGaussian(mean, logvar)
 
     def output(self, voxels: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
