@@ -19,7 +19,8 @@ from medvae.models.posterior import DiagonalGaussian
 from medvae.models.shortcut import add_pooled_input, add_upsampled_latent
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
-# posterior starts at the prior and the initial KL is near zero whatever the input scale.
+# learned part of the posterior starts at the prior and its initial KL is near zero whatever the
+# input scale (the shortcut's block average, bounded, is added to the mean on top of it).
 MOMENTS_INIT_SCALE = 0.01
 
 
