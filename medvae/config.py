@@ -119,7 +119,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    reconstruction: str = "l1"  # l1, mse or huber (MSE inside +-huber_delta, linear beyond), averaged over voxels
+    reconstruction: str = "huber"  # l1, mse or huber (MSE inside +-huber_delta, linear beyond), averaged over voxels
     huber_delta: float = 1.0  # huber: error (input intensity units) where the squared error turns linear
     ssim_weight: float = 0.0  # weight of (1 - SSIM) added to the reconstruction term
     ssim_data_range: Optional[float] = None  # intensity range for SSIM's constants; None: the target's max - min
