@@ -65,7 +65,7 @@ def reference_run(ops, x: torch.Tensor, dtype: torch.dtype = torch.float64) -> t
     return x
 
 
-def _block_means(x: torch.Tensor, f: int) -> torch.Tensor:
+def block_means(x: torch.Tensor, f: int) -> torch.Tensor:
     """Each f^3 block's mean over all channels, by reshaping: (B, 1, D/f, H/f, W/f)."""
     b, c, d, h, w = x.shape
     return x.reshape(b, c, d // f, f, h // f, f, w // f, f).mean(dim=(1, 3, 5, 7)).unsqueeze(1)
@@ -78,7 +78,7 @@ def reference_encode(model, x: torch.Tensor, dtype: torch.dtype = torch.float64)
 
     mean, logvar = reference_run(model.encoder.ops(), x, dtype).chunk(2, dim=1)
     if model.arch.shortcut:
-        mean = mean + _block_means(x.to(dtype), model.downsampling_factor).clamp(-POOLED_LIMIT, POOLED_LIMIT)
+        mean = mean + block_means(x.to(dtype), model.downsampling_factor).clamp(-POOLED_LIMIT, POOLED_LIMIT)
     return mean, logvar
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from reference_model import one_thread  # noqa: F401 (fixture)
+from reference_model import block_means, one_thread  # noqa: F401 (fixture)
 from test_inference import bounded, budget_between, perturbed_model
 
 from medvae import VAE3D
@@ -16,18 +16,11 @@ from medvae.models.shortcut import add_pooled_input, add_upsampled_latent, poole
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def block_means(x: torch.Tensor, f: int) -> torch.Tensor:
-    """Reference: each f^3 block's mean over all channels, written with reshapes (no pooling op)."""
-    b, c, d, h, w = x.shape
-    blocks = x.double().reshape(b, c, d // f, f, h // f, f, w // f, f)
-    return blocks.mean(dim=(1, 3, 5, 7)).unsqueeze(1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pooled_input_is_the_block_mean_over_channels_in_any_slab_size(dtype, monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 20, 8, 12).to(dtype)
-    reference = block_means(x.float(), 4)
+    reference = block_means(x.double(), 4)
     whole = pooled_input(x, 4)
     monkeypatch.setattr(shortcut, "POOL_SLAB_VOXELS", 1)  # one block-row of slices per slab: 5 slabs
     slabs = pooled_input(x, 4)
@@ -41,8 +34,8 @@ def test_pooled_input_joins_the_mean_clamped_in_place_or_not():
     blocks = torch.tensor([[-9.0, -1.0], [3.0, 8.0]]).reshape(1, 1, 2, 2, 1)  # beyond +-POOLED_LIMIT both sides
     x = blocks.repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4) + 0.1 * torch.randn(1, 1, 8, 8, 4)
     mean = torch.randn(1, 2, 2, 2, 1)
-    expected = mean + block_means(x, 4).float().clamp(-shortcut.POOLED_LIMIT, shortcut.POOLED_LIMIT)
-    assert block_means(x, 4).abs().max() > shortcut.POOLED_LIMIT
+    expected = mean + block_means(x.double(), 4).float().clamp(-shortcut.POOLED_LIMIT, shortcut.POOLED_LIMIT)
+    assert block_means(x.double(), 4).abs().max() > shortcut.POOLED_LIMIT
     target = mean.clone()
     in_place = add_pooled_input(target, x, 4, inplace=True)
     assert in_place.data_ptr() == target.data_ptr()
@@ -75,7 +68,7 @@ def test_the_shortcut_adds_exactly_the_block_average_and_the_upsampled_mean():
     with torch.no_grad():
         a, b = plain.encode(x), with_shortcut.encode(x)
         assert torch.equal(a.logvar, b.logvar)
-        assert (b.mean - a.mean - block_means(x, 4).float()).abs().max() < 1e-5
+        assert (b.mean - a.mean - block_means(x.double(), 4).float()).abs().max() < 1e-5
         z = torch.randn_like(a.mean)
         difference = with_shortcut.decode(z) - plain.decode(z)
     assert (difference - F.interpolate(z.mean(1, keepdim=True), scale_factor=4.0)).abs().max() < 1e-5
