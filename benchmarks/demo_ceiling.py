@@ -45,6 +45,7 @@ def main() -> None:
 
     from medvae.data.demo import demo_datalist
     from medvae.jobs.loading import load_for_inference
+    from medvae.models.shortcut import add_decoded_latent, encoded_input
 
     loaded = load_for_inference(args.run, device="cpu")
     datalist = demo_datalist()
@@ -55,6 +56,13 @@ def main() -> None:
     rows = [("its mean value everywhere", psnr(torch.full_like(image, float(image.mean())), image)),
             ("x2 block average, trilinear back up",
              psnr(F.interpolate(F.avg_pool3d(image, 2), size=image.shape[2:], mode="trilinear", align_corners=False), image))]
+    # The model's fixed block codes alone (medvae.models.shortcut), at the run's factor and latent width:
+    # what a model whose learned parts were all zero would reconstruct.
+    f, latent = loaded.model.downsampling_factor, loaded.model.arch.latent_channels
+    for kind in ("mean", "dct"):
+        code = encoded_input(image, kind, f, latent)
+        rows.append((f"the shortcut's '{kind}' code alone (x{f}, {latent} channels)",
+                     psnr(add_decoded_latent(torch.zeros_like(image), code, kind, f), image)))
     for sigma in (1.0, 0.75, 0.5):
         rows.append((f"Gaussian blur, sigma {sigma} voxel", psnr(GaussianSmooth(sigma=sigma)(image[0])[None], image)))
     rows.append((f"a perfect denoiser (noise std {noise:.3f})", -20 * math.log10(noise)))

@@ -8,6 +8,7 @@ and how much of the gap to the target is the scans' noise:
 
 - each crop's mean value everywhere;
 - x4 block average, trilinear back up (1 number per 4^3 block: a third of the latent's 3);
+- the model's parameter-free shortcut codes alone (``model.shortcut`` "mean" and "dct", 3 channels);
 - block PCA: non-overlapping 4^3 blocks coded by their first k principal components, fitted on the
   training crops (k = 3 is the comparison architecture's 21x compression, a linear code with the
   latent's numbers per voxel); the same fitted on the held-out crops themselves (an oracle);
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convergence import build_data, score  # noqa: E402
 from demo_ceiling import laplacian_noise_std  # noqa: E402
+
+from medvae.models.shortcut import add_decoded_latent, encoded_input  # noqa: E402
 
 
 def blocks(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -86,6 +89,11 @@ def main() -> None:
         f"x{b} block average, trilinear back up (1 number per {b}^3 block)":
             lambda x: F.interpolate(F.avg_pool3d(x, b), size=x.shape[2:], mode="trilinear", align_corners=False),
     }
+    # The model's fixed shortcut codes alone (medvae.models.shortcut, the latent's 3 channels): what the
+    # model reconstructs with every learned part at zero.
+    for kind in ("mean", "dct"):
+        references[f"the shortcut's '{kind}' code alone ({latent_numbers} per {b}^3 block)"] = (
+            lambda x, kind=kind: add_decoded_latent(torch.zeros_like(x), encoded_input(x, kind, b, latent_numbers), kind, b))
     for k in (1, latent_numbers, 6, 12):
         label = f"block PCA, {k} per {b}^3 block, fitted on the training crops"
         if k == latent_numbers:

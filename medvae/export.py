@@ -83,7 +83,8 @@ def read_export_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config.get("model"), dict):
         raise ValueError(f"{directory / CONFIG_NAME}: no model architecture ('model' must be a mapping)")
     # Exports written before model.shortcut existed were trained without it (it has no weights, so
-    # the default must not be applied to them silently).
+    # the default must not be applied to them silently); ``true`` in older exports is the block mean
+    # (medvae.models.architecture.shortcut_kind).
     config["model"].setdefault("shortcut", False)
     _check_prior_description(directory, (config.get("extra") or {}).get("prior"))
     return config

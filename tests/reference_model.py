@@ -8,6 +8,8 @@ float64 it is the ground truth the tests hold the model's float32 paths against.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -71,24 +73,70 @@ def block_means(x: torch.Tensor, f: int) -> torch.Tensor:
     return x.reshape(b, c, d // f, f, h // f, f, w // f, f).mean(dim=(1, 3, 5, 7)).unsqueeze(1)
 
 
+def dct_matrix(f: int) -> torch.Tensor:
+    """The orthonormal DCT-II matrix (frequency, position) in float64, from its textbook formula."""
+    n = torch.arange(f, dtype=torch.float64)
+    scale = torch.full((f, 1), math.sqrt(2.0 / f), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / f)
+    return scale * torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * f))
+
+
+def lowest_frequencies(f: int, count: int) -> list[tuple[int, int, int]]:
+    """The first ``count`` (kd, kh, kw): by total frequency, then the largest one, then lexicographic."""
+    triples = [(a, b, c) for a in range(f) for b in range(f) for c in range(f)]
+    return sorted(triples, key=lambda t: (t[0] + t[1] + t[2], max(t), t))[:count]
+
+
+def block_code(x: torch.Tensor, kind: str, f: int, latent_channels: int) -> torch.Tensor:
+    """The shortcut's code of x's blocks, unclamped, in float64: (B, L, D/f, H/f, W/f). ``"mean"``:
+    the block mean on every channel; ``"dct"``: the L lowest 3-D DCT coefficients of x's channel mean,
+    divided by sqrt(f^3) so that the constant's coefficient is the block mean."""
+    if kind == "mean":
+        return block_means(x.double(), f).expand(-1, latent_channels, -1, -1, -1)
+    b, _, d, h, w = x.shape
+    blocks = x.double().mean(1).reshape(b, d // f, f, h // f, f, w // f, f)
+    m = dct_matrix(f)
+    coefficients = torch.einsum("bdihjwk,pi,qj,rk->bpqrdhw", blocks, m, m, m) / math.sqrt(f**3)
+    channels = [coefficients[:, p, q, r] for p, q, r in lowest_frequencies(f, latent_channels)]
+    channels += [torch.zeros_like(channels[0])] * (latent_channels - len(channels))
+    return torch.stack(channels, 1)
+
+
+def block_decode(z: torch.Tensor, kind: str, f: int) -> torch.Tensor:
+    """The voxels the shortcut's decoder adds for the code z, in float64: (B, 1, d*f, h*f, w*f)."""
+    z = z.double()
+    if kind == "mean":
+        return z.mean(1, keepdim=True).repeat_interleave(f, 2).repeat_interleave(f, 3).repeat_interleave(f, 4)
+    b, latent, d, h, w = z.shape
+    coefficients = torch.zeros(b, f, f, f, d, h, w, dtype=torch.float64)
+    for channel, (p, q, r) in enumerate(lowest_frequencies(f, latent)):
+        coefficients[:, p, q, r] = z[:, channel]
+    m = dct_matrix(f)
+    blocks = torch.einsum("bpqrdhw,pi,qj,rk->bdihjwk", coefficients, m, m, m) * math.sqrt(f**3)
+    return blocks.reshape(b, 1, d * f, h * f, w * f)
+
+
 def reference_encode(model, x: torch.Tensor, dtype: torch.dtype = torch.float64):
     """(mean, logvar) of ``model`` (a VAE3D): the encoder's op list by ``reference_run``, plus the
-    shortcut's clamped block average when ``model.arch.shortcut`` (before logvar's clamp)."""
-    from medvae.models.shortcut import POOLED_LIMIT
+    shortcut's clamped block code (before logvar's clamp)."""
+    from medvae.models.shortcut import POOLED_LIMIT, shortcut_kind
 
     mean, logvar = reference_run(model.encoder.ops(), x, dtype).chunk(2, dim=1)
-    if model.arch.shortcut:
-        mean = mean + block_means(x.to(dtype), model.downsampling_factor).clamp(-POOLED_LIMIT, POOLED_LIMIT)
+    kind = shortcut_kind(model.arch.shortcut)
+    if kind != "none":
+        code = block_code(x, kind, model.downsampling_factor, mean.shape[1]).clamp(-POOLED_LIMIT, POOLED_LIMIT)
+        mean = mean + code.to(dtype)
     return mean, logvar
 
 
 def reference_decode(model, z: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Voxels of ``model`` (a VAE3D) from ``z``: the decoder's op list plus, with the shortcut, z's
-    channel mean repeated over each f^3 block."""
+    """Voxels of ``model`` (a VAE3D) from ``z``: the decoder's op list plus the shortcut's decoded blocks."""
+    from medvae.models.shortcut import shortcut_kind
+
     out = reference_run(model.decoder.ops(), z, dtype)
-    if model.arch.shortcut:
-        f = model.downsampling_factor
-        out = out + z.to(dtype).mean(1, keepdim=True).repeat_interleave(f, 2).repeat_interleave(f, 3).repeat_interleave(f, 4)
+    kind = shortcut_kind(model.arch.shortcut)
+    if kind != "none":
+        out = out + block_decode(z, kind, model.downsampling_factor).to(dtype)
     return out
 
 

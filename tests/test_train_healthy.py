@@ -38,7 +38,7 @@ def test_default_recipe_on_real_anatomy_takes_no_guard_action(tmp_path, mni_2mm_
     assert all(r["train/step_applied"] == 1.0 and r["train/lr_scale"] == 1.0 for r in rows)
 
     # What fooled the old guard happened here too: the raw KL per latent element grew several-fold as
-    # the posterior sharpened (from the KL of the shortcut's block average, about 0.3 nat, to about
+    # the posterior sharpened (from the KL of the shortcut's block code, a few tenths of a nat, to about
     # 2 within 60 steps), while its weighted term stayed a negligible share of the loss.
     kl = [r["train/kl_per_element"] for r in rows]
     assert statistics.median(kl[-10:]) > 3 * statistics.median(kl[1:11])

@@ -1,11 +1,13 @@
 """End to end on CPU: train, checkpoint atomically, export, and resume with identical losses."""
 
+import json
 import shutil
 
 import torch
+import yaml
 
 from medvae import load_model
-from medvae.train.checkpoint import list_checkpoints
+from medvae.train.checkpoint import MANIFEST, list_checkpoints
 from phantoms import write_phantoms
 from training_helpers import TINY_TRAINING, losses_by_step, read_jsonl, run_medvae_train
 
@@ -49,3 +51,28 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     for step in (4, 5, 6):
         assert resumed_losses[step] == full_losses[step], (step, resumed_losses[step], full_losses[step])
     assert read_jsonl(run / "metrics.jsonl")[0]["train/effective_batch_size"] == 2
+
+    # Resuming the same weights into a different function is refused in one line, before anything is
+    # written: a parameter-free field (the shortcut's code) counts like any other.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    other = run_medvae_train(tmp_path, common + [f"train.output_dir={run}", "train.resume=auto", "model.shortcut=mean"])
+    assert other.returncode == 1, other.stderr[-2000:]
+    errors = [line for line in other.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "model.shortcut='dct' there, 'mean' now" in errors[0], other.stderr[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # A checkpoint written before signatures were stored is judged by its run's config.yaml, where a
+    # model section without the field means a model trained without a shortcut.
+    old = tmp_path / "old"
+    shutil.copytree(run / "checkpoints", old / "checkpoints")
+    for step in ("step_000003", "step_000006"):
+        state_file = old / "checkpoints" / step / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["model_signature"]
+        state_file.write_text(json.dumps(state))
+        (old / "checkpoints" / step / MANIFEST).unlink()  # as older checkpoints were verified: without one
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["model"]["shortcut"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = run_medvae_train(tmp_path, common + [f"train.output_dir={old}", "train.resume=auto"])
+    assert refused.returncode == 1 and "model.shortcut='none' there, 'dct' now" in refused.stderr, refused.stderr[-2000:]

@@ -9,6 +9,21 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 
+SHORTCUTS = ("none", "mean", "dct")  # the codes of medvae.models.shortcut
+
+
+def shortcut_kind(value: Any) -> str:
+    """The code named by a ``model.shortcut`` value: one of SHORTCUTS, or a bool as configs and
+    exports wrote it before the codes had names (true: ``"mean"``, false: ``"none"``)."""
+    if isinstance(value, str) and value.lower() in SHORTCUTS:
+        return value.lower()
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "mean"
+    if value is False or value is None or (isinstance(value, str) and value.lower() == "false"):
+        return "none"
+    raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)} (or true/false), got {value!r}")
+
+
 @dataclass
 class VAE3DArchitecture:
     """Everything needed to rebuild a VAE3D; ``ValueError`` naming the field on a bad value."""
@@ -26,11 +41,13 @@ class VAE3DArchitecture:
     gradient_checkpointing: bool = False  # recompute residual blocks in backward: less memory, ~30% slower
     recompute_norm: bool = True  # recompute GroupNorm+SiLU in backward: two fewer tensors per block
     channels_last: bool = True  # channels_last_3d memory format (faster conv3d on CPU and GPU)
-    # Parameter-free shortcuts (medvae.models.shortcut): the posterior mean gets the input's f^3 block
-    # average, the output gets the latent's channel mean upsampled x f. Same weights and compression.
-    shortcut: bool = True
+    # Parameter-free shortcuts (medvae.models.shortcut): the posterior mean gets a fixed code of each
+    # f^3 block of the input, the output gets its inverse. "dct": the L lowest-frequency DCT
+    # coefficients; "mean": the block mean on every channel; "none". Same weights and compression.
+    shortcut: str = "dct"
 
     def __post_init__(self) -> None:
+        self.shortcut = shortcut_kind(self.shortcut)
         self.channels = [int(c) for c in self.channels]
         if not 2 <= len(self.channels) <= 4:
             raise ValueError(f"channels: need 2, 3 or 4 levels (downsampling 2, 4 or 8), got {self.channels}")

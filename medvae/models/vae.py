@@ -16,11 +16,11 @@ from medvae.models.blocks import Block, Downsample, MidBlock, ResBlock, Upsample
 from medvae.models.kernels import channels_last
 from medvae.models.ops import Activation, Conv, Norm, Op
 from medvae.models.posterior import DiagonalGaussian
-from medvae.models.shortcut import add_pooled_input, add_upsampled_latent
+from medvae.models.shortcut import add_decoded_latent, add_encoded_input, shortcut_kind
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
 # learned part of the posterior starts at the prior and its initial KL is near zero whatever the
-# input scale (the shortcut's block average, bounded, is added to the mean on top of it).
+# input scale (the shortcut's block code, bounded, is added to the mean on top of it).
 MOMENTS_INIT_SCALE = 0.01
 
 
@@ -125,8 +125,8 @@ class VAE3D(nn.Module):
     ``model(x)`` -> ``VAEOutput(reconstruction, mean, logvar)`` (sampling z in training mode, the
     posterior mean in eval mode unless ``sample_posterior`` says otherwise);
     ``model.encode(x)`` -> ``DiagonalGaussian``; ``model.decode(z)`` -> voxels. With ``shortcut``
-    (the default), encode adds the input's block average to the posterior mean and decode adds the
-    latent's upsampled channel mean to the voxels (``medvae.models.shortcut``).
+    (``"dct"`` by default), encode adds a fixed code of the input's f^3 blocks to the posterior mean
+    and decode adds the blocks the latent's code stands for to the voxels (``medvae.models.shortcut``).
     Keyword arguments are the fields of ``VAE3DArchitecture``.
     """
 
@@ -173,19 +173,21 @@ class VAE3D(nn.Module):
 
     def posterior(self, moments: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> DiagonalGaussian:
         """The posterior from the encoder's moments (B, 2 * latent_channels, d, h, w) and its input x:
-        with ``shortcut``, x's block average joins the mean (``inplace``: into ``moments``, a fresh
+        with ``shortcut``, the code of x's blocks joins the mean (``inplace``: into ``moments``, a fresh
         tensor under no_grad). Whole-volume inference calls this too."""
         mean, logvar = moments.chunk(2, dim=1)
-        if self.arch.shortcut:
-            mean = add_pooled_input(mean, x, self.downsampling_factor, inplace=inplace)
+        kind = shortcut_kind(self.arch.shortcut)
+        if kind != "none":
+            mean = add_encoded_input(mean, x, kind, self.downsampling_factor, inplace=inplace)
         return DiagonalGaussian(mean, logvar)
 
     def output(self, voxels: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """The decoded voxels from the decoder's output and its latent z: with ``shortcut``, z's channel
-        mean upsampled joins them (``inplace`` for a fresh tensor under no_grad). Whole-volume
+        """The decoded voxels from the decoder's output and its latent z: with ``shortcut``, the blocks
+        z's code decodes to join them (``inplace`` for a fresh tensor under no_grad). Whole-volume
         inference calls this too."""
-        if self.arch.shortcut:
-            voxels = add_upsampled_latent(voxels, z, self.downsampling_factor, inplace=inplace)
+        kind = shortcut_kind(self.arch.shortcut)
+        if kind != "none":
+            voxels = add_decoded_latent(voxels, z, kind, self.downsampling_factor, inplace=inplace)
         return voxels
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from medvae.atomic import atomic_file
 from medvae.config import Config, TrackingConfig, TrainConfig, to_dict
-from medvae.train.checkpoint import load_checkpoint, save_checkpoint
-from medvae.train.run_folder import RunFolderPlan, apply_run_folder, plan_run_folder
+from medvae.train.checkpoint import TRAINER_STATE, CheckpointError, load_checkpoint, save_checkpoint
+from medvae.train.run_folder import CONFIG_NAME, RunFolderPlan, apply_run_folder, plan_run_folder
 from medvae.train.guard import DivergenceError, DivergenceGuard, GuardEvent, most_severe_action
 from medvae.train.ordering import EpochOrderedDataset
 from medvae.train.precision import Precision, accelerate_mixed_precision
@@ -76,6 +76,9 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
     # checkpoint. Only then does the main process set old files aside and write config.yaml.
     plan = plan_run_folder(run_dir, train.resume, train.overwrite)
     resume_from = plan.resume_from  # a checkpoint folder, or None
+    signature = task.model_signature(config_dict)
+    if resume_from is not None:
+        _check_same_model(task, resume_from, signature)
     _write_run_config(accelerator, plan, config_dict)
 
     set_seed(train.seed)  # the same initial weights on every rank ...
@@ -145,7 +148,8 @@ def run_training(task: TrainingTask, train: TrainConfig, tracking: TrackingConfi
             tracker.log(scores, step=state["step"])
             accelerator.wait_for_everyone()
         if state["step"] % train.checkpoint_every == 0 or done:
-            trainer_state = {**state, "guard": guard.state_dict(), "cpu_grad_scaler": precision.state_dict()}
+            trainer_state = {**state, "guard": guard.state_dict(), "cpu_grad_scaler": precision.state_dict(),
+                             "model_signature": signature}
             if ema is not None:  # the EMA's update count too: after resume it must average, not copy
                 trainer_state["ema_n_averaged"] = int(ema.n_averaged)
             extra = {"ema.safetensors": ema.module.state_dict()} if ema is not None else None
@@ -287,6 +291,25 @@ def _ema(model: torch.nn.Module, decay: float | None):
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _check_same_model(task: TrainingTask, checkpoint: Path, signature: dict) -> None:
+    """Refuse to resume weights into a different function: the checkpoint's model signature (or, for
+    checkpoints written before signatures were stored, its run folder's config.yaml) must equal the
+    current config's."""
+    from omegaconf import OmegaConf
+
+    recorded = json.loads((checkpoint / TRAINER_STATE).read_text()).get("model_signature")
+    recorded_config = checkpoint.parent.parent / CONFIG_NAME
+    if recorded is None and recorded_config.is_file():
+        recorded = task.model_signature(OmegaConf.to_container(OmegaConf.load(recorded_config)))
+    if recorded is None:
+        return
+    changed = [f"model.{k}={recorded.get(k)!r} there, {signature.get(k)!r} now"
+               for k in sorted(set(recorded) | set(signature)) if recorded.get(k) != signature.get(k)]
+    if changed:
+        raise CheckpointError(f"{checkpoint}: trained with a different model ({'; '.join(changed)}); "
+                              "set those back to resume, or start a new run")
 
 
 def _resume(accelerator: Accelerator, checkpoint: Path, guard: DivergenceGuard, precision: Precision, ema) -> dict:

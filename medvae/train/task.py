@@ -66,5 +66,11 @@ class TrainingTask(Protocol):
         EMA model when EMA is on; ``model`` is unwrapped and in train mode."""
         return {}
 
+    def model_signature(self, config: dict) -> dict:
+        """Optional: the settings of a full run config (as stored in a run's config.yaml) that fix the
+        function the weights compute, parameter-free ones included. Resume refuses a checkpoint
+        whose signature differs from the current config's; ``{}`` (the default) checks nothing."""
+        return {}
+
     def export(self, model: torch.nn.Module, run_dir: Path) -> None:
         """Main process only, after the last step: write ``run_dir / "export"`` (atomic files)."""

@@ -14,8 +14,12 @@ from medvae.export import save_model
 from medvae.losses import VAELoss
 from medvae.losses.adversarial import discriminator_loss
 from medvae.models import VAE3D
+from medvae.models.architecture import VAE3DArchitecture
 from medvae.models.discriminator import PatchDiscriminator3D
 from medvae.train.task import TrainingTask
+
+# Architecture fields that change how the model runs, not what it computes: free to change on resume.
+RUN_ONLY_FIELDS = ("gradient_checkpointing", "recompute_norm", "channels_last")
 
 
 class VAETask(TrainingTask):
@@ -41,6 +45,14 @@ class VAETask(TrainingTask):
         model = VAE3D(**to_dict(self.config)["model"])
         self.downsampling_factor = model.downsampling_factor
         return model
+
+    def model_signature(self, config: dict) -> dict:
+        """The architecture, without the fields that only change how it runs. A config recorded before
+        ``model.shortcut`` existed trained without one."""
+        model = {"shortcut": False, **(config.get("model") or {})}
+        known = {k: v for k, v in model.items() if k in VAE3DArchitecture.__dataclass_fields__}
+        arch = VAE3DArchitecture.from_dict(known).to_dict()
+        return {k: v for k, v in arch.items() if k not in RUN_ONLY_FIELDS}
 
     def build_data(self, run_dir: Path):
         from medvae.data import build_datasets
