@@ -47,7 +47,7 @@ from real_volumes import INDIVIDUALS, TEMPLATES, head_crops, load_t1, public_t1_
 
 # The knobs the recipe ablation varies: benchmarks/recipe.json holds their values in the run that
 # RESULTS.md quotes, and tests/test_config.py checks that medvae's defaults equal them.
-RECIPE_KEYS = ["model.channels", "model.latent_channels", "model.shortcut", "data.batch_size", "data.crops_per_volume", "train.lr",
+RECIPE_KEYS = ["model.channels", "model.latent_channels", "model.shortcut", "model.logvar_init", "data.batch_size", "data.crops_per_volume", "train.lr",
                "train.warmup_steps", "train.min_lr_ratio", "train.grad_clip", "train.ema_decay", "loss.reconstruction", "loss.huber_delta",
                "loss.ssim_weight", "loss.gradient_weight", "loss.kl_weight", "loss.kl_schedule", "loss.kl_warmup_steps"]
 ARCHITECTURE = ["model.channels=[32,64,64]", "model.num_res_blocks=1", "model.latent_channels=3",

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from reference_model import block_code
@@ -91,6 +93,20 @@ def test_initial_kl_stays_bounded_on_unnormalised_hounsfield_units():
             model.arch.shortcut = "dct"
     assert max(kls) <= 0.5 * POOLED_LIMIT**2 + 0.1
     assert kls[1] < 1.5 * kls[0]  # unclamped, ten times the scale would be a hundred times the KL
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (3000.0, -1024.0)])
+def test_logvar_init_sets_the_initial_posterior_std_whatever_the_input_scale(scale, offset):
+    """model.logvar_init starts the posterior at std exp(l / 2) instead of the prior's 1; its learned
+    part's KL is then 0.5 (exp(l) - 1 - l) per element, on [0, 1] input and on raw HU alike."""
+    torch.manual_seed(0)
+    model = VAE3D(logvar_init=-4.0, shortcut="none")
+    with torch.no_grad():
+        posterior = model.encode(_phantom() * scale + offset)
+    assert (posterior.logvar + 4.0).abs().max() < 0.5
+    expected = 0.5 * (math.exp(-4.0) - 1.0 + 4.0)
+    assert abs(posterior.kl_per_element().mean().item() - expected) < 0.05
+    assert VAE3D(shortcut="none").encoder.conv_out.bias.abs().max() == 0  # the default starts at the prior
 
 
 def test_train_mode_samples_and_eval_mode_uses_mean():

@@ -45,6 +45,10 @@ class VAE3DArchitecture:
     # f^3 block of the input, the output gets its inverse. "dct": the L lowest-frequency DCT
     # coefficients; "mean": the block mean on every channel; "none". Same weights and compression.
     shortcut: str = "dct"
+    # The posterior's log-variance at initialisation (the moments convolution's bias): 0 starts it at
+    # the prior's std of 1; below 0 starts it narrower, so the decoder's shortcut is not drowned in
+    # posterior noise over the first steps (configs/demo.yaml: -4, posterior std 0.14).
+    logvar_init: float = 0.0
 
     def __post_init__(self) -> None:
         self.shortcut = shortcut_kind(self.shortcut)
@@ -63,6 +67,8 @@ class VAE3DArchitecture:
             raise ValueError(f"out_channels must be >= 1 or None, got {self.out_channels}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not -10.0 <= self.logvar_init <= 5.0:
+            raise ValueError(f"logvar_init must be in [-10, 5] (posterior std 0.007 to 12), got {self.logvar_init}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

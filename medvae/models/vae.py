@@ -18,9 +18,10 @@ from medvae.models.ops import Activation, Conv, Norm, Op
 from medvae.models.posterior import DiagonalGaussian
 from medvae.models.shortcut import add_decoded_latent, add_encoded_input, shortcut_kind
 
-# The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0, so the
-# learned part of the posterior starts at the prior and its initial KL is near zero whatever the
-# input scale (the shortcut's block code, bounded, is added to the mean on top of it).
+# The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0 (or
+# ``logvar_init``), so the learned part of the posterior starts at the prior (or at a fixed narrower
+# std) and its initial KL is near zero (at most 0.5 (exp(l) - 1 - l) per element for logvar_init l)
+# whatever the input scale; the shortcut's block code, bounded, is added to the mean on top of it.
 MOMENTS_INIT_SCALE = 0.01
 
 
@@ -82,6 +83,7 @@ class Encoder(Block):
         with torch.no_grad():
             self.conv_out.weight.mul_(MOMENTS_INIT_SCALE)
             self.conv_out.bias.zero_()
+            self.conv_out.bias[arch.latent_channels:].fill_(arch.logvar_init)
 
     def ops(self) -> list[Op]:
         mid = block_ops(self.mid) if self.mid is not None else []

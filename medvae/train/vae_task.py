@@ -18,8 +18,9 @@ from medvae.models.architecture import VAE3DArchitecture
 from medvae.models.discriminator import PatchDiscriminator3D
 from medvae.train.task import TrainingTask
 
-# Architecture fields that change how the model runs, not what it computes: free to change on resume.
-RUN_ONLY_FIELDS = ("gradient_checkpointing", "recompute_norm", "channels_last")
+# Architecture fields that change how the model is initialised, trains or runs, not what its
+# weights compute: free to change on resume (dropout is off at inference).
+RUN_ONLY_FIELDS = ("gradient_checkpointing", "recompute_norm", "channels_last", "dropout", "logvar_init")
 
 
 class VAETask(TrainingTask):
