@@ -146,6 +146,7 @@ def test_bf16_autocast_works_when_onednn_reports_no_bf16(monkeypatch):
         decoded = decode_volume(model, posterior.mean, memory_budget=2**30)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert out.reconstruction.dtype == torch.float32
-    assert (out.reconstruction - reference.reconstruction).abs().max() < 0.1
-    assert (posterior.mean - reference.mean).abs().max() < 0.1
+    # bf16 keeps 8 significant bits: within 5% of the output's range after a dozen layers
+    assert (out.reconstruction - reference.reconstruction).abs().max() < 0.05 * reference.reconstruction.abs().max()
+    assert (posterior.mean - reference.mean).abs().max() < 0.05 * reference.mean.abs().max()
     assert torch.isfinite(decoded).all()

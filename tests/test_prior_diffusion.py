@@ -61,9 +61,13 @@ def test_latent_cache_has_provenance_scaling_and_one_grid(trained):
     assert latents.provenance["preprocessing"]["modality"] == "CT"
     assert "centre-crop or edge-pad" in latents.provenance["shape_policy"]
     assert all(c["modality"] == "CT" and c["spacing"] == pytest.approx(2.0) for c in latents.conditions)
-    shift, scale = latents.scaling()
-    scaled = (latents.latents - shift[None, :, None, None, None]) * scale
+    shift, scale = latents.scaling()  # latents.scaling=global, the default: latent diffusion's scale factor
+    scaled = (latents.latents - shift[None, :, None, None, None]) * scale[None, :, None, None, None]
     assert abs(float(scaled.std()) - 1.0) < 1e-4 and scaled.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-5
+    assert torch.equal(scale, scale[:1].expand(2))
+    shift, scale = latents.scaling(per_channel=True)  # latents.scaling=channel: each channel its own
+    scaled = (latents.latents - shift[None, :, None, None, None]) * scale[None, :, None, None, None]
+    assert (scaled.std(dim=(0, 2, 3, 4)) - 1.0).abs().max() < 1e-4
     with pytest.raises(ValueError, match="another VAE"):
         load_latents(path, model_hash="0" * 64)
 
@@ -76,7 +80,11 @@ def test_prior_folder_records_provenance_and_the_copy_check(trained):
                                                    "copy_reference.safetensors"}
     assert config["model_hash"] == model_hash(model) and config["latent_shape"] == [2, 8, 8, 8]
     assert config["scheduler"]["kind"] == "rflow" and config["conditions"]["keys"] == ["modality", "spacing"]
-    assert config["scale_factor"] > 0 and len(config["shift"]) == 2
+    assert len(config["scale"]) == 2 and min(config["scale"]) > 0 and len(config["shift"]) == 2
+    from medvae.prior.latents import load_latents
+
+    stored = load_latents(model / "prior" / "latents_train.safetensors", model_hash=model_hash(model))
+    assert config["scale"] == pytest.approx(stored.scaling()[1].tolist())  # the default: global
     assert config["copy_check"]["threshold"] > 0 and len(config["copy_check"]["reference_distances"]) == 6
 
 
@@ -215,3 +223,32 @@ def test_volumes_of_different_sizes_share_the_median_grid_rounded_up_for_the_une
     assert "3 training latents on a 2 x 10 x 8 x 6 grid" in line
     # (8, 8, 8) is padded in d and cropped in w, (10, 8, 6) fits, (12, 8, 6) is cropped in d
     assert "centre-cropped along some axis: 2" in line and "edge-padded along some axis: 1" in line
+
+
+def test_a_prior_written_with_one_scale_factor_loads_with_it_on_every_channel(trained, tmp_path):
+    """Priors written before per-channel scaling hold a single ``scale_factor``; it scales every channel."""
+    from medvae.prior.diffusion import load_diffusion_prior
+
+    _, model = trained
+    old = tmp_path / "old"
+    shutil.copytree(model / "prior" / "export", old)
+    config = json.loads((old / "config.json").read_text())
+    config["scale_factor"] = 2.5
+    del config["scale"]
+    (old / "config.json").write_text(json.dumps(config))
+    prior = load_diffusion_prior(old)
+    assert prior.scale.flatten().tolist() == [2.5, 2.5]
+    assert prior.describe()["scale_factor"] == 2.5 and "scale" not in prior.describe()
+
+
+def test_latents_scaling_channel_scales_each_channel_by_its_own_std(trained, tmp_path):
+    from medvae.prior.latents import load_latents
+
+    root, model = trained
+    run = tmp_path / "channel"
+    train_tiny_prior(model, root / "ct", run, "train.max_steps=1", "train.checkpoint_every=1", "latents.scaling=channel")
+    config = json.loads((run / "export" / "config.json").read_text())
+    stored = load_latents(run / "latents_train.safetensors", model_hash=model_hash(model))
+    per_channel = stored.scaling(per_channel=True)[1]
+    assert config["scale"] == pytest.approx(per_channel.tolist())
+    assert abs(per_channel[0] - per_channel[1]) > 1e-3 * per_channel.abs().max()  # the two modes differ here

@@ -22,12 +22,18 @@ class LatentsConfig:
     shape: Optional[List[int]] = None  # common latent grid (d, h, w); None: per-axis median, padded to fit the UNet
     batch_size: int = 4  # latents per process per micro-batch
     num_workers: int = 0
+    # Prior space = (z - per-channel mean) * scale: "global", one over the std of all channels (latent
+    # diffusion's scale factor); "channel", one over each channel's own std (benchmarks/RESULTS.md,
+    # "Priors over the DCT-shortcut VAE": mixed on one fold, so not the default).
+    scaling: str = "global"
 
     def __post_init__(self) -> None:
         if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 1):
             raise ConfigError(f"latents.shape: need three positive sizes d h w, got {list(self.shape)}")
         if self.batch_size < 1:
             raise ConfigError(f"latents.batch_size: must be >= 1, got {self.batch_size}")
+        if self.scaling not in ("channel", "global"):
+            raise ConfigError(f"latents.scaling: must be channel or global, got {self.scaling!r}")
 
 
 @dataclass

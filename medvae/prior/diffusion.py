@@ -158,7 +158,9 @@ class DiffusionPrior:
         self.copy_reference = copy_reference  # (N, C, d, h, w) raw training latents, or None
         self.latent_shape = tuple(int(s) for s in config["latent_shape"])
         self.shift = torch.tensor(config["shift"], dtype=torch.float32)[:, None, None, None]
-        self.scale_factor = float(config["scale_factor"])
+        # Per-channel "scale"; priors written before it hold one "scale_factor" for every channel.
+        scale = config["scale"] if "scale" in config else [float(config["scale_factor"])] * self.latent_shape[0]
+        self.scale = torch.tensor(scale, dtype=torch.float32)[:, None, None, None]
         described = config["conditions"]
         self.conditions = ConditionSpec(list(described["keys"]), list(described["modalities"]), described.get("seen"))
 
@@ -222,14 +224,14 @@ class DiffusionPrior:
                     input_noise=noise, diffusion_model=unet, scheduler=scheduler, verbose=False,
                     conditioning=None if context is None else context.to(device),
                     cfg=float(guidance) if use_guidance else None, cfg_fill_value=UNCONDITIONED)
-            results.append(scaled.float().cpu()[0] / self.scale_factor + self.shift)
+            results.append(scaled.float().cpu()[0] / self.scale + self.shift)
         return torch.stack(results)
 
     def describe(self) -> dict[str, Any]:
         """What generation.json records about the prior."""
-        keep = ("latent_shape", "scale_factor", "scheduler", "conditions", "model_hash", "step", "copy_check")
+        keep = ("latent_shape", "scale", "scale_factor", "scheduler", "conditions", "model_hash", "step", "copy_check")
         return {"kind": "diffusion", "directory": str(self.directory) if self.directory else None,
-                **{k: self.config.get(k) for k in keep}}
+                **{k: self.config[k] for k in keep if k in self.config}}
 
 
 def save_diffusion_prior(directory: str | os.PathLike, unet: torch.nn.Module, config: dict[str, Any],

@@ -10,9 +10,11 @@ different sizes give latent grids of different sizes: every grid is **centre-cro
 to one common shape (by default the per-axis median of the grids, as the fitted prior does), so the
 prior describes whole scans of the median preprocessed size, centred.
 
-Scaling, as latent diffusion does: the prior works on ``(z - shift) * scale_factor``, with ``shift``
-the per-channel mean and ``scale_factor`` one over the std of the centred training latents, so
-the diffusion model sees unit-variance inputs. Both are stored with the latents and with the prior.
+Scaling: the prior works on ``(z - shift) * scale``, with ``shift`` the per-channel mean and
+``scale`` one over the std of the centred training latents: one std over all channels, as latent
+diffusion's scale factor (``latents.scaling=global``, the default), or each channel's own
+(``channel``: a VAE with the DCT shortcut has a first channel holding the block mean and others
+holding gradients several times smaller). Both are stored with the prior.
 
 Each volume also carries its conditions: its modality (from the datalist) and its native voxel
 spacing (mean of the three voxel sides of the file, mm), for a conditional prior.
@@ -58,12 +60,16 @@ class LatentSet:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.latents.shape[1:])
 
-    def scaling(self) -> tuple[torch.Tensor, float]:
-        """(shift (C,), scale_factor): per-channel mean and 1 / std of the centred latents."""
+    def scaling(self, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift (C,), scale (C,)): per-channel mean, and 1 / std of the centred latents, one std over
+        all channels (latent diffusion's scale factor) or, ``per_channel``, each channel's own."""
         shift = self.latents.mean(dim=(0, 2, 3, 4))
         centred = self.latents - shift[None, :, None, None, None]
-        std = float(centred.std()) if centred.numel() > 1 else 1.0
-        return shift, 1.0 / max(std, 1e-8)
+        channels = centred.shape[1]
+        if centred[:, 0].numel() < 2:
+            return shift, torch.ones(channels)
+        std = centred.transpose(0, 1).reshape(channels, -1).std(dim=1) if per_channel else centred.std().expand(channels)
+        return shift, 1.0 / std.clamp_min(1e-8)
 
 
 def native_spacing_mm(image) -> float:

@@ -63,8 +63,8 @@ def prior_datalists(config: PriorConfig, vae_config: dict[str, Any]) -> tuple[li
 class LatentDataset(torch.utils.data.Dataset):
     """Items ``{"latent": (C, d, h, w) scaled, "context": (1, E) if conditional, "id": str}``."""
 
-    def __init__(self, latents: LatentSet, shift: torch.Tensor, scale_factor: float, spec: ConditionSpec):
-        self.scaled = (latents.latents - shift[None, :, None, None, None]) * scale_factor
+    def __init__(self, latents: LatentSet, shift: torch.Tensor, scale: torch.Tensor, spec: ConditionSpec):
+        self.scaled = (latents.latents - shift[None, :, None, None, None]) * scale[None, :, None, None, None]
         self.ids = latents.ids
         self.contexts = [spec.vector(c, where=f"volume {i}")[None] if spec.keys else None
                          for i, c in zip(latents.ids, latents.conditions)]
@@ -98,7 +98,7 @@ class DiffusionPriorTask(TrainingTask):
                                         self.spec.size)
         self.train_latents: LatentSet | None = None
         self.val_latents: LatentSet | None = None
-        self.shift, self.scale_factor = torch.zeros(0), 1.0
+        self.shift, self.scale = torch.zeros(0), torch.ones(0)
         self.inferer = None
 
     def build_model(self) -> torch.nn.Module:
@@ -132,11 +132,11 @@ class DiffusionPriorTask(TrainingTask):
         self.val_latents = load_latents(run_dir / VAL_CACHE, model_hash=self.vae.hash) if val_items else None
         if state.is_main_process:
             print(latent_grid_line(self.train_latents), flush=True)
-        self.shift, self.scale_factor = self.train_latents.scaling()
+        self.shift, self.scale = self.train_latents.scaling(per_channel=self.config.latents.scaling == "channel")
         self.spec.seen = sorted({str(c["modality"]) for c in self.train_latents.conditions})
         self.inferer = _inferer(self.scheduler_args)
-        train_set = LatentDataset(self.train_latents, self.shift, self.scale_factor, self.spec)
-        val_set = (LatentDataset(self.val_latents, self.shift, self.scale_factor, self.spec)
+        train_set = LatentDataset(self.train_latents, self.shift, self.scale, self.spec)
+        val_set = (LatentDataset(self.val_latents, self.shift, self.scale, self.spec)
                    if self.val_latents is not None else None)
         return train_set, val_set
 
@@ -179,8 +179,9 @@ class DiffusionPriorTask(TrainingTask):
             "unet": self.unet_args, "scheduler": self.scheduler_args,
             "default_sampler": d.sampler or ("rflow" if d.scheduler == "rflow" else "ddim"),
             "sampling_steps": d.sampling_steps, "guidance": d.guidance,
-            "latent_shape": list(train.latent_shape), "shift": self.shift.tolist(), "scale_factor": self.scale_factor,
-            "scaling": "prior space = (z - shift[channel]) * scale_factor; scale_factor = 1 / std of centred latents",
+            "latent_shape": list(train.latent_shape), "shift": self.shift.tolist(), "scale": self.scale.tolist(),
+            "scaling": f"prior space = (z - shift[channel]) * scale[channel]; scale = 1 / std of the centred latents "
+                       f"({'each channel' if self.config.latents.scaling == 'channel' else 'all channels'})",
             "conditions": self.spec.to_dict(),
             "model_hash": self.vae.hash, "preprocessing": self.vae.preprocessing,
             "latents": {k: v for k, v in train.provenance.items() if k not in ("preprocessing",)},
