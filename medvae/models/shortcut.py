@@ -78,7 +78,14 @@ def code_weights(kind: str, factor: int, latent_channels: int, dtype: torch.dtyp
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(analysis, synthesis) weights, each (L, 1, f, f, f): ``conv3d(x, analysis, stride=f)`` is the
     code of x's blocks, ``conv_transpose3d(code, synthesis, stride=f)`` the blocks it decodes to."""
-    analysis, synthesis = _weights64(shortcut_kind(kind), factor, latent_channels)
+    return _weights_on(shortcut_kind(kind), factor, latent_channels, dtype, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_on(kind: str, factor: int, latent_channels: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device and dtype: no host-to-device copy in every forward on a GPU.
+    analysis, synthesis = _weights64(kind, factor, latent_channels)
     return analysis.to(device=device, dtype=dtype), synthesis.to(device=device, dtype=dtype)
 
 
