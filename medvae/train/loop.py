@@ -240,6 +240,9 @@ def _write_run_config(accelerator: Accelerator, plan: RunFolderPlan, config_dict
     """Prepare the planned run folder and store the run's configuration in it (main process)."""
     from omegaconf import OmegaConf
 
+    # Every rank must have planned (reading only) before the folder changes: a rank that planned after
+    # config.yaml appeared would see another run's folder and refuse it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         apply_run_folder(plan, OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     accelerator.wait_for_everyone()
