@@ -119,10 +119,10 @@ def block_decode(z: torch.Tensor, kind: str, f: int) -> torch.Tensor:
 def reference_encode(model, x: torch.Tensor, dtype: torch.dtype = torch.float64):
     """(mean, logvar) of ``model`` (a VAE3D): the encoder's op list by ``reference_run``, plus the
     shortcut's clamped block code (before logvar's clamp)."""
-    from medvae.models.shortcut import POOLED_LIMIT, shortcut_kind
+    from medvae.models.shortcut import POOLED_LIMIT
 
     mean, logvar = reference_run(model.encoder.ops(), x, dtype).chunk(2, dim=1)
-    kind = shortcut_kind(model.arch.shortcut)
+    kind = model.arch.shortcut
     if kind != "none":
         code = block_code(x, kind, model.downsampling_factor, mean.shape[1]).clamp(-POOLED_LIMIT, POOLED_LIMIT)
         mean = mean + code.to(dtype)
@@ -131,10 +131,8 @@ def reference_encode(model, x: torch.Tensor, dtype: torch.dtype = torch.float64)
 
 def reference_decode(model, z: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Voxels of ``model`` (a VAE3D) from ``z``: the decoder's op list plus the shortcut's decoded blocks."""
-    from medvae.models.shortcut import shortcut_kind
-
     out = reference_run(model.decoder.ops(), z, dtype)
-    kind = shortcut_kind(model.arch.shortcut)
+    kind = model.arch.shortcut
     if kind != "none":
         out = out + block_decode(z, kind, model.downsampling_factor).to(dtype)
     return out

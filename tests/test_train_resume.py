@@ -76,3 +76,12 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     (old / "config.yaml").write_text(yaml.safe_dump(config))
     refused = run_medvae_train(tmp_path, common + [f"train.output_dir={old}", "train.resume=auto"])
     assert refused.returncode == 1 and "model.shortcut='none' there, 'dct' now" in refused.stderr, refused.stderr[-2000:]
+
+    # A damaged config.yaml beside such a checkpoint: one line naming the file, nothing written.
+    (old / "config.yaml").write_text("model: [unclosed\n")
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    damaged = run_medvae_train(tmp_path, common + [f"train.output_dir={old}", "train.resume=auto"])
+    errors = [line for line in damaged.stderr.splitlines() if "error:" in line]
+    assert damaged.returncode == 1 and len(errors) == 1, damaged.stderr[-2000:]
+    assert str(old / "config.yaml") in errors[0] and "cannot tell which model" in errors[0]
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before

@@ -5,7 +5,7 @@ of the input joins the posterior mean, and its inverse joins the decoder's outpu
 learns a residual on top of a code that already reconstructs, instead of first having to learn to
 carry the intensities through its bottleneck. At initialisation (zero-init residual branches, a
 near-zero moments convolution) the model reconstructs each block by the fixed code. Two codes
-(``SHORTCUTS``):
+(``medvae.models.architecture.SHORTCUTS``):
 
 - ``"dct"`` (the default): latent channel k gets the block's k-th lowest-frequency coefficient of a
   separable orthonormal DCT-II (frequencies ordered by their sum, then their largest component,
@@ -43,7 +43,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from medvae.models.architecture import SHORTCUTS, shortcut_kind  # noqa: F401 (re-exported)
+from medvae.models.architecture import shortcut_kind
 
 # Bound of each coefficient the posterior mean gets (see the module docstring).
 POOLED_LIMIT = 4.0

@@ -16,7 +16,7 @@ from medvae.models.blocks import Block, Downsample, MidBlock, ResBlock, Upsample
 from medvae.models.kernels import channels_last
 from medvae.models.ops import Activation, Conv, Norm, Op
 from medvae.models.posterior import DiagonalGaussian
-from medvae.models.shortcut import add_decoded_latent, add_encoded_input, shortcut_kind
+from medvae.models.shortcut import add_decoded_latent, add_encoded_input
 
 # The moments convolution starts at 1% of its default scale: mean ~ 0 and logvar ~ 0 (or
 # ``logvar_init``), so the learned part of the posterior starts at the prior (or at a fixed narrower
@@ -178,18 +178,16 @@ class VAE3D(nn.Module):
         with ``shortcut``, the code of x's blocks joins the mean (``inplace``: into ``moments``, a fresh
         tensor under no_grad). Whole-volume inference calls this too."""
         mean, logvar = moments.chunk(2, dim=1)
-        kind = shortcut_kind(self.arch.shortcut)
-        if kind != "none":
-            mean = add_encoded_input(mean, x, kind, self.downsampling_factor, inplace=inplace)
+        if self.arch.shortcut != "none":  # a name from SHORTCUTS: VAE3DArchitecture normalises it
+            mean = add_encoded_input(mean, x, self.arch.shortcut, self.downsampling_factor, inplace=inplace)
         return DiagonalGaussian(mean, logvar)
 
     def output(self, voxels: torch.Tensor, z: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """The decoded voxels from the decoder's output and its latent z: with ``shortcut``, the blocks
         z's code decodes to join them (``inplace`` for a fresh tensor under no_grad). Whole-volume
         inference calls this too."""
-        kind = shortcut_kind(self.arch.shortcut)
-        if kind != "none":
-            voxels = add_decoded_latent(voxels, z, kind, self.downsampling_factor, inplace=inplace)
+        if self.arch.shortcut != "none":
+            voxels = add_decoded_latent(voxels, z, self.arch.shortcut, self.downsampling_factor, inplace=inplace)
         return voxels
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -305,7 +305,11 @@ def _check_same_model(task: TrainingTask, checkpoint: Path, signature: dict) -> 
     recorded = json.loads((checkpoint / TRAINER_STATE).read_text()).get("model_signature")
     recorded_config = checkpoint.parent.parent / CONFIG_NAME
     if recorded is None and recorded_config.is_file():
-        recorded = task.model_signature(OmegaConf.to_container(OmegaConf.load(recorded_config)))
+        try:
+            recorded = task.model_signature(OmegaConf.to_container(OmegaConf.load(recorded_config)))
+        except Exception as err:  # a damaged or foreign config.yaml: say which file, in one line
+            raise CheckpointError(f"{recorded_config}: cannot tell which model {checkpoint.name} was trained "
+                                  f"with ({' '.join(str(err).split())})") from None
     if recorded is None:
         return
     changed = [f"model.{k}={recorded.get(k)!r} there, {signature.get(k)!r} now"
