@@ -107,7 +107,7 @@ def write_datalist(paths: dict[str, Path], names, path: Path) -> Path:
     return path
 
 
-MEASURES = ("frechet_distance", "mmd", "intensity_w1", "foreground_difference")  # lower is better for each
+MEASURES = ("frechet_distance", "mmd", "intensity_w1", "foreground_difference", "noise_log2_ratio")  # lower: better
 
 
 def merge(files: list[Path]) -> None:
@@ -126,7 +126,10 @@ def merge(files: list[Path]) -> None:
             for m in MEASURES:
                 pair = []
                 for side in ("vs_train", "vs_heldout"):
-                    value = row[side][m]
+                    value = row[side].get(m)
+                    if value is None:  # a JSON from before the measure existed
+                        pair.append("-")
+                        continue
                     better = row is not fitted and value < fitted[side][m]
                     if row is not fitted:
                         tally = wins.setdefault((row["row"].split(" (")[0], side), [0, 0])
@@ -153,6 +156,8 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["rflow", "ddpm"], choices=["rflow", "ddpm"],
                         help="diffusion priors to train (the ddpm objective gives the ddpm and ddim rows)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed of every row")
+    parser.add_argument("--vae-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra `medvae train` settings of the VAE (e.g. model.latent_noise=0.03)")
     parser.add_argument("--heldout", nargs="+", default=list(HELD_OUT), choices=sorted(SOURCES),
                         help="scans held out (the rest train); rotate them, each in its own --work, for folds")
     parser.add_argument("--json", type=Path, default=None)
@@ -175,9 +180,12 @@ def main() -> None:
     heldout_csv = write_datalist(paths, heldout, work / "heldout.csv")
     if (work / "vae").exists():  # a cached VAE of another split would leak the held-out scans
         recorded = json.loads((work / "split.json").read_text()) if (work / "split.json").is_file() else None
-        if recorded != {"train": train_names, "heldout": heldout}:
-            raise SystemExit(f"{work}: holds runs of another train/held-out split ({recorded}); use another --work")
-    (work / "split.json").write_text(json.dumps({"train": train_names, "heldout": heldout}) + "\n")
+        if recorded is not None:
+            recorded.setdefault("vae_override", [])  # written before the option existed
+        if recorded != {"train": train_names, "heldout": heldout, "vae_override": args.vae_override}:
+            raise SystemExit(f"{work}: holds runs of another split or VAE recipe ({recorded}); use another --work")
+    (work / "split.json").write_text(json.dumps({"train": train_names, "heldout": heldout,
+                                                 "vae_override": args.vae_override}) + "\n")
 
     run = work / "vae"
     timings = {}
@@ -188,7 +196,7 @@ def main() -> None:
               "data.patch_size=[32,32,32]", "data.batch_size=2", "model.channels=[16,32,32]",
               "model.norm_num_groups=8", "model.latent_channels=4", f"train.max_steps={args.vae_steps}",
               "train.val_every=0", f"train.checkpoint_every={args.vae_steps}", f"train.output_dir={run}",
-              "tracking.wandb_mode=disabled"], log)
+              "tracking.wandb_mode=disabled", *args.vae_override], log)
         timings["vae_train_s"] = time.perf_counter() - started
     tiny_unet = [f"diffusion.channels=[{args.unet_width},{2 * args.unet_width},{2 * args.unet_width}]",
                  "diffusion.attention_levels=[false,false,false]", "diffusion.norm_num_groups=8",
@@ -243,6 +251,7 @@ def main() -> None:
                         "sampling_seconds_per_volume": record.get("sampling_seconds_per_volume"),
                         "vs_train": report["samples_vs_train"], "vs_heldout": report["samples_vs_heldout"],
                         "flagged_copy_fraction": report["flagged_copy_fraction"],
+                        "noise_levels": report["noise_levels"],
                         "generation_flagged_copy_fraction": record.get("flagged_copy_fraction"),
                         "nearest_training_distance": report["copy_check"]["nearest_training_distance"],
                         "copy_threshold": report["copy_check"]["threshold"]})
@@ -251,22 +260,26 @@ def main() -> None:
             args.json.write_text(json.dumps({"partial": True, "results": results}, indent=2) + "\n")
     floor = evaluate_sets(loaded, heldout_set, train_set, None)
     results.append({"row": "held-out real (floor)", "seconds_per_volume": None, "vs_train": floor["samples_vs_train"],
+                    "noise_levels": floor["noise_levels"],
                     "vs_heldout": None, "flagged_copy_fraction": None,
                     "nearest_training_distance": floor["copy_check"]["nearest_training_distance"]})
 
     header = ("| row | FD latent (train) | MMD latent (train) | intensity W1 HU (train) | foreground diff (train) "
-              "| FD latent (held-out) | MMD (held-out) | flagged copies | s / volume |")
+              "| noise HU | noise log2 ratio (train) | FD latent (held-out) | MMD (held-out) "
+              "| noise log2 ratio (held-out) | flagged copies | s / volume |")
     print(header)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 12)
     for r in results:
         t, h = r["vs_train"], r["vs_heldout"]
-        held = f"{h['frechet_distance']:.3f} | {h['mmd']:.3f}" if h else "- | -"
+        held = f"{h['frechet_distance']:.3f} | {h['mmd']:.3f} | {h['noise_log2_ratio']:.2f}" if h else "- | - | -"
         flagged = "-" if r["flagged_copy_fraction"] is None else f"{r['flagged_copy_fraction']:.2f}"
         speed = "-" if r["seconds_per_volume"] is None else f"{r['seconds_per_volume']:.2f}"
         print(f"| {r['row']} | {t['frechet_distance']:.3f} | {t['mmd']:.3f} | {t['intensity_w1']:.1f} | "
-              f"{t['foreground_difference']:.3f} | {held} | {flagged} | {speed} |")
+              f"{t['foreground_difference']:.3f} | {r['noise_levels']['samples']:.1f} | {t['noise_log2_ratio']:.2f} | "
+              f"{held} | {flagged} | {speed} |")
     summary = {"results": results, "timings": timings, "train": train_names, "heldout": heldout,
                "num": args.num, "seed": args.seed, "objectives": args.objectives, "vae_steps": args.vae_steps,
+               "vae_override": args.vae_override,
                "prior_steps": args.prior_steps,
                "volume_shape": volume_shape, "copy_threshold": results[0].get("copy_threshold")}
     if args.json:

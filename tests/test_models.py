@@ -109,6 +109,29 @@ def test_logvar_init_sets_the_initial_posterior_std_whatever_the_input_scale(sca
     assert VAE3D(shortcut="none").encoder.conv_out.bias.abs().max() == 0  # the default starts at the prior
 
 
+def test_latent_noise_reaches_the_decoder_in_training_only():
+    """model.latent_noise adds N(0, s^2) to the decoder's latent in training mode, drawn from the step's
+    generator; eval mode, encode and decode never see it."""
+    torch.manual_seed(0)
+    model = VAE3D(**TINY, logvar_init=-10.0, latent_noise=0.1)  # posterior std 0.007: the rest is the noise
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    x = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        mean = model.encode(x).mean
+        model.train()
+        model(x, generator=torch.Generator().manual_seed(1))
+        model(x, generator=torch.Generator().manual_seed(1))
+        model.eval()
+        model(x)
+    offset = seen[0] - mean
+    assert abs(offset.std().item() - 0.1) < 0.02 and abs(offset.mean().item()) < 0.02
+    assert torch.equal(seen[0], seen[1])  # the same generator, the same noise: ranks and resume agree
+    assert torch.equal(seen[2], mean)  # eval: the posterior mean, no noise
+    with pytest.raises(ValueError, match="latent_noise"):
+        VAE3D(**TINY, latent_noise=-0.1)
+
+
 def test_train_mode_samples_and_eval_mode_uses_mean():
     torch.manual_seed(0)
     model = VAE3D(**TINY)

@@ -12,6 +12,9 @@ training set is the floor (what new real patients score):
 - ``intensity_w1``: Wasserstein-1 distance between the voxel-intensity histograms, in real units
   (HU for CT), and ``foreground_difference``: the difference of mean foreground fractions (voxels
   above 10% of the trained intensity range, threshold reported in real units).
+- ``noise_log2_ratio``: texture, |log2| of the ratio of the sets' median robust noise levels (MAD of
+  the 3-D Laplacian, in real units); the medians themselves are reported under ``noise_levels``.
+  Noisy or blocky samples read above the floor, over-smooth ones too.
 - the copy check: each sample's RMS latent distance to its nearest training volume (latent grids
   centre-cropped or edge-padded to the training median grid), against the held-out-to-training
   nearest distances (leave-one-out among the training volumes when no held-out set is given).
@@ -33,19 +36,21 @@ MAX_VOXELS_KEPT = 2**20  # voxels per volume kept (evenly strided) for the inten
 
 
 def _encode_set(loaded, sources: list[str]) -> dict[str, Any]:
-    """Posterior means (list of (C, d, h, w)), real-unit voxel subsamples and ids of one set of volumes."""
+    """Posterior means (list of (C, d, h, w)), real-unit voxel subsamples, noise levels and ids of one set."""
     from medvae.jobs.loading import resolve_inputs, to_real_units
+    from medvae.prior.quality import noise_level
 
     items = resolve_inputs(sources, loaded.modality)
-    means, voxels = [], []
+    means, voxels, noise = [], [], []
     with torch.no_grad():
         for item in items:
             image = loaded.prepare(item)
             means.append(loaded.encode(image).mode()[0].float().cpu())
             real = to_real_units(loaded.remove_padding(image.as_tensor(), image), loaded.preprocessing["intensity"])
+            noise.append(noise_level(real))
             flat = real.reshape(-1)
             voxels.append(flat[:: max(1, flat.size // MAX_VOXELS_KEPT)])
-    return {"ids": [str(i["id"]) for i in items], "means": means, "voxels": voxels}
+    return {"ids": [str(i["id"]) for i in items], "means": means, "voxels": voxels, "noise": noise}
 
 
 def _foreground_threshold(intensity: dict[str, Any]) -> float:
@@ -56,7 +61,8 @@ def _foreground_threshold(intensity: dict[str, Any]) -> float:
 
 
 def _measures(a: dict, b: dict, pool: int, threshold: float) -> dict[str, float]:
-    from medvae.prior.quality import foreground_fraction, frechet_distance, intensity_distance, mmd, pooled_features
+    from medvae.prior.quality import (foreground_fraction, frechet_distance, intensity_distance, mmd, noise_distance,
+                                      pooled_features)
 
     feats_a = np.concatenate([pooled_features(m[None], pool) for m in a["means"]])
     feats_b = np.concatenate([pooled_features(m[None], pool) for m in b["means"]])
@@ -64,7 +70,8 @@ def _measures(a: dict, b: dict, pool: int, threshold: float) -> dict[str, float]
     fg_b = [foreground_fraction(v, threshold) for v in b["voxels"]]
     return {"frechet_distance": frechet_distance(feats_a, feats_b), "mmd": mmd(feats_a, feats_b),
             "intensity_w1": intensity_distance(a["voxels"], b["voxels"]),
-            "foreground_difference": abs(float(np.mean(fg_a)) - float(np.mean(fg_b)))}
+            "foreground_difference": abs(float(np.mean(fg_a)) - float(np.mean(fg_b))),
+            "noise_log2_ratio": noise_distance(a["noise"], b["noise"])}
 
 
 def evaluate_sets(loaded, samples: dict, train: dict, heldout: dict | None, pool: int = 2) -> dict[str, Any]:
@@ -80,11 +87,14 @@ def evaluate_sets(loaded, samples: dict, train: dict, heldout: dict | None, pool
                                      f"{loaded.hash[:12]}...)",
             "intensity_w1": f"voxel intensities in real units ({units})",
             "foreground_difference": f"share of voxels above {threshold:.4g} {units}",
+            "noise_log2_ratio": f"robust noise level (MAD of the 3-D Laplacian) in {units}",
             "copy_check": "posterior-mean latent grid on the training median grid, RMS distance per element",
         },
         "counts": {"samples": len(samples["ids"]), "train": len(train["ids"]),
                    "heldout": len(heldout["ids"]) if heldout else 0},
         "samples_vs_train": _measures(samples, train, pool, threshold),
+        "noise_levels": {name: float(np.median(encoded["noise"])) for name, encoded in
+                         (("samples", samples), ("train", train), ("heldout", heldout)) if encoded},
     }
     if heldout:
         report["samples_vs_heldout"] = _measures(samples, heldout, pool, threshold)
@@ -128,6 +138,7 @@ def evaluate_samples(model_dir: str | os.PathLike, samples: list[str], train: li
     for name in ("samples_vs_train", "samples_vs_heldout", "floor_heldout_vs_train"):
         if name in report:
             print(name + ": " + ", ".join(f"{k} {v:.4g}" for k, v in report[name].items()))
+    print("median noise level: " + ", ".join(f"{k} {v:.4g}" for k, v in report["noise_levels"].items()))
     print(f"copy check: {sum(report['copy_check']['flagged'])} of {report['counts']['samples']} samples flagged "
           f"(threshold {report['copy_check']['threshold']:.4g})")
     return report

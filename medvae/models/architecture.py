@@ -49,6 +49,11 @@ class VAE3DArchitecture:
     # the prior's std of 1; below 0 starts it narrower, so the decoder's shortcut is not drowned in
     # posterior noise over the first steps (configs/demo.yaml: -4, posterior std 0.14).
     logvar_init: float = 0.0
+    # Std of extra Gaussian noise on the decoder's latent in training mode only (the encoder and
+    # inference never see it), in latent units. The decoder learns to tolerate latents a little off
+    # the encoder's, such as a diffusion prior's samples; with a shortcut, whose code is decoded
+    # linearly, that is the difference between smooth samples and 4^3-block noise. 0: off.
+    latent_noise: float = 0.0
 
     def __post_init__(self) -> None:
         self.shortcut = shortcut_kind(self.shortcut)
@@ -69,6 +74,8 @@ class VAE3DArchitecture:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not -10.0 <= self.logvar_init <= 5.0:
             raise ValueError(f"logvar_init must be in [-10, 5] (posterior std 0.007 to 12), got {self.logvar_init}")
+        if not 0.0 <= self.latent_noise <= 1.0:
+            raise ValueError(f"latent_noise must be in [0, 1] (latent units), got {self.latent_noise}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -125,7 +125,8 @@ class VAE3D(nn.Module):
     """3D convolutional VAE.
 
     ``model(x)`` -> ``VAEOutput(reconstruction, mean, logvar)`` (sampling z in training mode, the
-    posterior mean in eval mode unless ``sample_posterior`` says otherwise);
+    posterior mean in eval mode unless ``sample_posterior`` says otherwise; in training mode the
+    decoder's latent also gets ``latent_noise``);
     ``model.encode(x)`` -> ``DiagonalGaussian``; ``model.decode(z)`` -> voxels. With ``shortcut``
     (``"dct"`` by default), encode adds a fixed code of the input's f^3 blocks to the posterior mean
     and decode adds the blocks the latent's code stands for to the voxels (``medvae.models.shortcut``).
@@ -205,4 +206,6 @@ class VAE3D(nn.Module):
         if sample_posterior is None:
             sample_posterior = self.training
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if self.training and self.arch.latent_noise > 0:
+            z = z + self.arch.latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
         return VAEOutput(self.decode(z), posterior.mean, posterior.logvar)

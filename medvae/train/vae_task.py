@@ -19,8 +19,9 @@ from medvae.models.discriminator import PatchDiscriminator3D
 from medvae.train.task import TrainingTask
 
 # Architecture fields that change how the model is initialised, trains or runs, not what its
-# weights compute: free to change on resume (dropout is off at inference).
-RUN_ONLY_FIELDS = ("gradient_checkpointing", "recompute_norm", "channels_last", "dropout", "logvar_init")
+# weights compute: free to change on resume (dropout and latent noise are off at inference).
+RUN_ONLY_FIELDS = ("gradient_checkpointing", "recompute_norm", "channels_last", "dropout", "logvar_init",
+                   "latent_noise")
 
 
 class VAETask(TrainingTask):
