@@ -110,6 +110,30 @@ def write_datalist(paths: dict[str, Path], names, path: Path) -> Path:
 MEASURES = ("frechet_distance", "mmd", "intensity_w1", "foreground_difference", "noise_log2_ratio")  # lower: better
 
 
+def decoder_tolerance(loaded, train_set: dict, ks=(0.0, 0.1, 0.2, 0.4), seed: int = 0) -> dict[str, float]:
+    """How much voxel noise the decoder makes of latent error: the median noise level (real units) of
+    the training volumes decoded from their posterior means plus k * (the latents' std) * N(0, I).
+    A prior's samples miss the encoder's latents by some such k; a tolerant decoder stays smooth."""
+    import numpy as np
+    import torch
+
+    from medvae.jobs.loading import to_real_units
+    from medvae.prior.quality import noise_level
+
+    std = float(torch.cat([m.flatten() for m in train_set["means"]]).std())
+    generator = torch.Generator().manual_seed(seed)
+    levels = {}
+    with torch.no_grad():
+        for k in ks:
+            noise = []
+            for mean in train_set["means"]:
+                z = mean[None] + k * std * torch.randn(mean[None].shape, generator=generator)
+                voxels = loaded.decode(z)[0].float().cpu()
+                noise.append(noise_level(to_real_units(voxels, loaded.preprocessing["intensity"])))
+            levels[str(k)] = float(np.median(noise))
+    return levels
+
+
 def merge(files: list[Path]) -> None:
     """One table over runs (folds, seeds): each diffusion row against the fitted Gaussian, per measure."""
     runs = [json.loads(Path(f).read_text()) for f in files]
@@ -234,6 +258,12 @@ def main() -> None:
     rows = [row for row in rows if row[1] != "diffusion" or row[2]["prior_dir"] in trained]
     train_set = _encode_set(loaded, [str(train_csv)])
     heldout_set = _encode_set(loaded, [str(heldout_csv)])
+    from medvae.jobs.evaluate import evaluate
+
+    vae_heldout = evaluate(run, [str(heldout_csv)])["aggregate"]
+    tolerance = decoder_tolerance(loaded, train_set)
+    print("decoder tolerance (median noise HU of decoded training latents + k * latent std * N(0, I)): "
+          + ", ".join(f"k={k}: {v:.1f}" for k, v in tolerance.items()), flush=True)
     results = []
     for label, prior, diffusion in rows:
         out = work / "samples" / label.split(" (")[0].replace(" ", "_").replace(",", "")
@@ -277,7 +307,8 @@ def main() -> None:
         print(f"| {r['row']} | {t['frechet_distance']:.3f} | {t['mmd']:.3f} | {t['intensity_w1']:.1f} | "
               f"{t['foreground_difference']:.3f} | {r['noise_levels']['samples']:.1f} | {t['noise_log2_ratio']:.2f} | "
               f"{held} | {flagged} | {speed} |")
-    summary = {"results": results, "timings": timings, "train": train_names, "heldout": heldout,
+    summary = {"results": results, "timings": timings, "vae_heldout_reconstruction": vae_heldout,
+               "decoder_tolerance": tolerance, "train": train_names, "heldout": heldout,
                "num": args.num, "seed": args.seed, "objectives": args.objectives, "vae_steps": args.vae_steps,
                "vae_override": args.vae_override,
                "prior_steps": args.prior_steps,

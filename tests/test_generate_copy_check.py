@@ -57,7 +57,9 @@ def test_a_one_patient_prior_at_temperature_zero_reproduces_that_patient_and_is_
     out = generate(export, 2, tmp_path / "cold", prior="fitted", temperature=0.0)
     record = json.loads((out / "generation.json").read_text())
     assert record["copy_check"]["flagged"] == [True, True] and record["flagged_copy_fraction"] == 1.0
-    assert "copy check: 2 of 2 samples flagged" in capsys.readouterr().out
+    assert [sample["flagged_copy"] for sample in record["samples"]] == [True, True]
+    assert "copy check: 2 of 2 samples flagged" in (line := capsys.readouterr().out)
+    assert "do not share as synthetic: sample_000.nii.gz, sample_001.nii.gz" in line
 
 
 def test_generation_json_of_a_trained_export_records_the_check(tmp_path, capsys):
@@ -87,6 +89,8 @@ def test_generation_json_of_a_trained_export_records_the_check(tmp_path, capsys)
     assert len(check["flagged"]) == len(check["nearest_training_distance"]) == 3
     assert record["flagged_copy_fraction"] == check["flagged_fraction"] == sum(check["flagged"]) / 3
     assert all(d > 0 for d in check["nearest_training_distance"])
+    assert [s["nearest_training_distance"] for s in record["samples"]] == check["nearest_training_distance"]
+    assert [s["flagged_copy"] for s in record["samples"]] == check["flagged"]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("copy check:")]
     assert len(lines) == 1 and "of 3 samples flagged" in lines[0]
 

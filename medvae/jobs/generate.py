@@ -212,6 +212,10 @@ def generate(model_dir: str | os.PathLike, num: int, out_dir: str | os.PathLike,
             if index < MONTAGE_MAX:  # only what the montage shows stays in memory
                 volumes.append(array)
         write_montage(volumes, [s["file"] for s in samples], tmp / "montage.png")
+        check = prior_record.get("copy_check") or {}
+        if check.get("checked"):  # each sample's own verdict, beside its file
+            for sample, flagged, distance in zip(samples, check["flagged"], check["nearest_training_distance"]):
+                sample.update(flagged_copy=flagged, nearest_training_distance=distance)
         record = {
             "command": "generate", "model": str(loaded.directory), "model_hash": loaded.hash,
             "num": num, "seed": seed, "temperature": temperature,

@@ -116,11 +116,20 @@ def copy_check_record(distances, settings: dict[str, Any] | None = None, reason:
     return {"copy_check": check, "flagged_copy_fraction": check["flagged_fraction"]}
 
 
+COPIES_NAMED = 5  # flagged files the terminal line names; generation.json marks every one
+
+
 def copy_check_line(record: dict[str, Any]) -> str:
     """One line for the terminal about a generation record's copy check."""
     check = record["copy_check"]
     if not check.get("checked"):
         return f"copy check: not run ({check['reason']})"
-    return (f"copy check: {sum(check['flagged'])} of {len(check['flagged'])} samples flagged as near-copies of a "
+    line = (f"copy check: {sum(check['flagged'])} of {len(check['flagged'])} samples flagged as near-copies of a "
             f"training volume (flagged fraction {check['flagged_fraction']:.3g}, threshold {check['threshold']:.4g})")
+    flagged = [sample["file"] for sample in record.get("samples", []) if sample.get("flagged_copy")]
+    if flagged:  # the files not to share
+        shown = ", ".join(flagged[:COPIES_NAMED]) + (f" and {len(flagged) - COPIES_NAMED} more"
+                                                     if len(flagged) > COPIES_NAMED else "")
+        line += f"; do not share as synthetic: {shown}"
+    return line
 
