@@ -252,3 +252,33 @@ def test_latents_scaling_channel_scales_each_channel_by_its_own_std(trained, tmp
     per_channel = stored.scaling(per_channel=True)[1]
     assert config["scale"] == pytest.approx(per_channel.tolist())
     assert abs(per_channel[0] - per_channel[1]) > 1e-3 * per_channel.abs().max()  # the two modes differ here
+
+
+def test_copy_probe_runs_at_every_validation_and_a_near_copy_writes_a_copy_risk_event(trained, tmp_path):
+    """diffusion.copy_probe samples the prior being trained at each validation and runs generate's copy
+    check on the samples: logged as val/copy_flagged_fraction; a flagged sample is a copy_risk event."""
+    from medvae.config import TrackingConfig
+    from medvae.prior.training import DiffusionPriorTask, load_prior_config
+    from medvae.tracking.tracker import Tracker
+
+    root, model = trained
+    run = tmp_path / "probe"
+    train_tiny_prior(model, root / "ct", run, "train.max_steps=2", "train.checkpoint_every=2", "train.val_every=1")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = {row["step"]: row["val/copy_flagged_fraction"] for row in rows if "val/copy_flagged_fraction" in row}
+    assert probes == {1: 0.0, 2: 0.0}  # an untrained prior draws noise, far from every training volume
+    events = (run / "events.jsonl").read_text().splitlines() if (run / "events.jsonl").exists() else []
+    assert not [e for e in events if json.loads(e)["kind"] == "copy_risk"]
+
+    # The same probe under a threshold every sample falls below: the verdict reaches events.jsonl.
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    task = DiffusionPriorTask(load_prior_config(None, prior_overrides(root / "ct", direct), str(model)))
+    task.build_data(direct)
+    task.copy_settings = {**task.copy_settings, "threshold": float("inf")}
+    tracker = Tracker(direct, TrackingConfig(wandb_mode="disabled"), {}, is_main_process=True)
+    scores = task._copy_probe(task.build_model(), torch.device("cpu"), 9, tracker)
+    assert scores["val/copy_flagged_fraction"] == 1.0
+    (event,) = [json.loads(line) for line in (direct / "events.jsonl").read_text().splitlines()]
+    assert (event["kind"], event["action"], event["step"]) == ("copy_risk", "record", 9)
+    assert event["values"]["flagged"] == event["values"]["probed"] == task.config.diffusion.copy_probe

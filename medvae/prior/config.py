@@ -56,6 +56,12 @@ class DiffusionConfig:
     sampler: Optional[str] = None  # generate's default: rflow for rflow; ddim for ddpm (also: ddpm)
     sampling_steps: int = 50  # generate's default number of sampling steps
     guidance: float = 1.0  # generate's default classifier-free guidance weight (1: plain conditional)
+    # Memorisation watch: at every validation, draw copy_probe latents (copy_probe_steps sampling steps,
+    # fixed seeds) from the model being trained and run the copy check on them against the training
+    # latents. Logged as val/copy_flagged_fraction; a flagged sample writes a copy_risk event
+    # (events.jsonl, wandb alert). A prior trained long on few volumes starts reproducing them. 0: off.
+    copy_probe: int = 4
+    copy_probe_steps: int = 20
 
     def __post_init__(self) -> None:
         _choice("diffusion", "scheduler", self.scheduler, ("rflow", "ddpm"))
@@ -74,8 +80,11 @@ class DiffusionConfig:
             raise ConfigError("diffusion.conditions need cross-attention: set at least one diffusion.attention_levels")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(f"diffusion.condition_dropout: must be in [0, 1), got {self.condition_dropout}")
-        if self.sampling_steps < 1 or self.sampling_steps > self.num_train_timesteps:
-            raise ConfigError(f"diffusion.sampling_steps: must be in 1..{self.num_train_timesteps}")
+        for name in ("sampling_steps", "copy_probe_steps"):
+            if not 1 <= getattr(self, name) <= self.num_train_timesteps:
+                raise ConfigError(f"diffusion.{name}: must be in 1..{self.num_train_timesteps}")
+        if self.copy_probe < 0:
+            raise ConfigError(f"diffusion.copy_probe: must be >= 0 (0: off), got {self.copy_probe}")
 
 
 def allowed_samplers(scheduler: str) -> tuple[str, ...]:
@@ -85,7 +94,7 @@ def allowed_samplers(scheduler: str) -> tuple[str, ...]:
 
 def _prior_train_defaults() -> TrainConfig:
     return TrainConfig(output_dir="", max_steps=2000, lr=1e-4, warmup_steps=100, weight_decay=0.0,
-                       ema_decay=0.999, val_every=0, checkpoint_every=500)
+                       ema_decay=0.999, val_every=500, checkpoint_every=500)
 
 
 @dataclass

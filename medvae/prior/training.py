@@ -34,6 +34,7 @@ from medvae.train.task import TrainingTask
 MODALITIES = ["CT", "MR"]  # the one-hot vocabulary of the modality condition (fixed: the context size must not depend on data)
 TRAIN_CACHE = "latents_train.safetensors"
 VAL_CACHE = "latents_val.safetensors"
+COPY_PROBE_SEED = 7_000_000  # the copy probe's samples use fixed seeds: comparable from one validation to the next
 
 
 def default_output_dir(model_dir: str) -> str:
@@ -100,6 +101,7 @@ class DiffusionPriorTask(TrainingTask):
         self.val_latents: LatentSet | None = None
         self.shift, self.scale = torch.zeros(0), torch.ones(0)
         self.inferer = None
+        self.copy_settings: dict[str, Any] | None = None  # the copy check's threshold, once the latents are in
 
     def build_model(self) -> torch.nn.Module:
         return build_unet(self.unet_args)
@@ -121,6 +123,8 @@ class DiffusionPriorTask(TrainingTask):
         """Encode (main process, once; cached in the run folder) and load the latents on every rank."""
         from accelerate import PartialState
 
+        from medvae.prior.sampling import copy_check_settings
+
         state = PartialState()
         train_items, val_items = prior_datalists(self.config, self.vae.config)
         if state.is_main_process:
@@ -135,6 +139,10 @@ class DiffusionPriorTask(TrainingTask):
         self.shift, self.scale = self.train_latents.scaling(per_channel=self.config.latents.scaling == "channel")
         self.spec.seen = sorted({str(c["modality"]) for c in self.train_latents.conditions})
         self.inferer = _inferer(self.scheduler_args)
+        try:
+            self.copy_settings = copy_check_settings(self.train_latents.latents, self._heldout_latents())
+        except ValueError:  # one training volume and no held-out ones: no threshold, no probe
+            self.copy_settings = None
         train_set = LatentDataset(self.train_latents, self.shift, self.scale, self.spec)
         val_set = (LatentDataset(self.val_latents, self.shift, self.scale, self.spec)
                    if self.val_latents is not None else None)
@@ -151,31 +159,61 @@ class DiffusionPriorTask(TrainingTask):
         return loss, {"terms": {"diffusion": loss.detach()}}
 
     def validate(self, model, val_set, accelerator, run_dir: Path, step: int, tracker) -> dict[str, float]:
-        """The diffusion loss on the held-out latents with fixed noise (comparable across steps)."""
-        if val_set is None or len(val_set) == 0:
-            return {}
+        """The diffusion loss on the held-out latents with fixed noise (comparable across steps), and
+        the copy probe (``diffusion.copy_probe``)."""
         d = self.config.diffusion
-        generator = torch.Generator(device=accelerator.device).manual_seed(12345)
+        scores: dict[str, float] = {}
         model.eval()
         with torch.no_grad():
-            losses = []
-            for index in range(len(val_set)):
-                item = val_set[index]
-                context = item["context"][None].to(accelerator.device) if "context" in item else None
-                losses.append(float(training_loss(model, self.inferer, item["latent"][None].to(accelerator.device),
-                                                  context, d.scheduler, d.num_train_timesteps, 0.0, generator,
-                                                  d.timestep_sampling)))
+            if val_set is not None and len(val_set):
+                generator = torch.Generator(device=accelerator.device).manual_seed(12345)
+                losses = []
+                for index in range(len(val_set)):
+                    item = val_set[index]
+                    context = item["context"][None].to(accelerator.device) if "context" in item else None
+                    losses.append(float(training_loss(model, self.inferer,
+                                                      item["latent"][None].to(accelerator.device), context,
+                                                      d.scheduler, d.num_train_timesteps, 0.0, generator,
+                                                      d.timestep_sampling)))
+                scores["val/diffusion_loss"] = sum(losses) / len(losses)
+            scores.update(self._copy_probe(model, accelerator.device, step, tracker))
         model.train()
-        return {"val/diffusion_loss": sum(losses) / len(losses)}
+        return scores
 
-    def export(self, model, run_dir: Path) -> None:
-        """``run_dir/export``: the prior folder (weights, copy reference, config.json with provenance)."""
-        from medvae.prior.sampling import copy_check_settings
+    def _copy_probe(self, model, device, step: int, tracker) -> dict[str, float]:
+        """Sample ``copy_probe`` latents from ``model`` and judge them as generate's copy check does."""
+        from medvae.prior.diffusion import DiffusionPrior
+        from medvae.prior.quality import nearest_distances
+        from medvae.train.guard import GuardEvent
 
+        d, train = self.config.diffusion, self.train_latents
+        settings = self.copy_settings
+        if d.copy_probe == 0 or settings is None:
+            return {}
+        prior = DiffusionPrior(model, self._description(settings))
+        samples = []
+        for index in range(d.copy_probe):  # conditions of the training volumes in turn
+            conditions = {k: train.conditions[index % len(train.ids)][k] for k in self.spec.keys}
+            samples.append(prior.sample(1, COPY_PROBE_SEED + index, steps=d.copy_probe_steps,
+                                        conditions=conditions or None, device=device)[0])
+        distances = nearest_distances(torch.stack(samples), train.latents)
+        threshold = float(settings["threshold"])
+        flagged = int((distances < threshold).sum())
+        if flagged:
+            tracker.event(GuardEvent(step=step, kind="copy_risk", action="record", values={
+                "flagged": flagged, "probed": d.copy_probe, "nearest": float(distances.min()), "threshold": threshold}))
+        return {"val/copy_flagged_fraction": flagged / d.copy_probe,
+                "val/copy_nearest_distance": float(distances.min()), "val/copy_threshold": threshold}
+
+    def _heldout_latents(self) -> torch.Tensor | None:
+        val = self.val_latents
+        return val.latents if val is not None and len(val.ids) else None
+
+    def _description(self, copy_check: dict[str, Any] | None) -> dict[str, Any]:
+        """The prior's config.json (what ``DiffusionPrior`` and generate read)."""
         train = self.train_latents
-        heldout = self.val_latents.latents if self.val_latents is not None and len(self.val_latents.ids) else None
         d = self.config.diffusion
-        config = {
+        return {
             "unet": self.unet_args, "scheduler": self.scheduler_args,
             "default_sampler": d.sampler or ("rflow" if d.scheduler == "rflow" else "ddim"),
             "sampling_steps": d.sampling_steps, "guidance": d.guidance,
@@ -186,10 +224,16 @@ class DiffusionPriorTask(TrainingTask):
             "model_hash": self.vae.hash, "preprocessing": self.vae.preprocessing,
             "latents": {k: v for k, v in train.provenance.items() if k not in ("preprocessing",)},
             "num_train_volumes": len(train.ids), "train_ids": train.ids,
-            "copy_check": copy_check_settings(train.latents, heldout),
+            "copy_check": copy_check,
             "trained_with": _plain(self.config),
         }
-        save_diffusion_prior(run_dir / "export", model, config, train.latents)
+
+    def export(self, model, run_dir: Path) -> None:
+        """``run_dir/export``: the prior folder (weights, copy reference, config.json with provenance)."""
+        from medvae.prior.sampling import copy_check_settings
+
+        config = self._description(copy_check_settings(self.train_latents.latents, self._heldout_latents()))
+        save_diffusion_prior(run_dir / "export", model, config, self.train_latents.latents)
 
 
 def _inferer(scheduler_args: dict):
