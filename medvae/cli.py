@@ -208,7 +208,7 @@ def train_prior(model_dir, args: tuple[str, ...]) -> None:
 @click.option("--json", "json_file", default=None, type=click.Path(path_type=Path))
 @_memory_option
 def evaluate_samples(model_dir, samples, train, heldout, pool, json_file, memory_gb) -> None:
-    """Fréchet distance, MMD, intensity and foreground distances, and the copy check of synthetic scans."""
+    """Fréchet distance, MMD, intensity, foreground and texture (noise) distances, and the copy check of synthetic scans."""
     job = _job("medvae.jobs.evaluate_samples", 12)
     _run(job.evaluate_samples, model_dir=model_dir, samples=list(samples), train=list(train),
          heldout=list(heldout), pool=pool, json_file=json_file, memory_budget=_bytes(memory_gb))
