@@ -8,6 +8,11 @@ clipping, EMA, the divergence guard with events.jsonl and wandb alerts, atomic c
 exact resume, and multi-process training. This task brings the data (the VAE's training volumes,
 encoded once into a latent cache by the main process), MONAI's DiffusionModelUNet, the diffusion
 loss, and the export: the prior folder ``<run>/export`` that ``generate --prior diffusion`` reads.
+
+Validation (every ``train.val_every`` steps) gives the diffusion loss on the held-out latents and
+runs the copy probe: ``diffusion.copy_probe`` samples of the model being trained, judged by
+generate's copy check against the training latents. A flagged sample is a ``copy_risk`` event
+(events.jsonl, a wandb alert; recorded, no action): the prior has begun to reproduce patients.
 """
 
 from __future__ import annotations
