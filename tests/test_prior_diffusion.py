@@ -282,3 +282,17 @@ def test_copy_probe_runs_at_every_validation_and_a_near_copy_writes_a_copy_risk_
     (event,) = [json.loads(line) for line in (direct / "events.jsonl").read_text().splitlines()]
     assert (event["kind"], event["action"], event["step"]) == ("copy_risk", "record", 9)
     assert event["values"]["flagged"] == event["values"]["probed"] == task.config.diffusion.copy_probe
+
+
+def test_train_prior_warns_when_its_last_copy_probe_flagged(tmp_path):
+    from medvae.prior.training import copy_probe_warning
+
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 100, "loss": 1.0}, {"step": 200, "val/copy_flagged_fraction": 0.0},
+            {"step": 400, "val/copy_flagged_fraction": 0.25}, {"step": 600, "val/copy_flagged_fraction": 0.5}]
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    warning = copy_probe_warning(metrics)
+    assert "at step 600, 50%" in warning and "first flagged at step 400" in warning
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))  # never flagged
+    assert copy_probe_warning(metrics) is None
+    assert copy_probe_warning(tmp_path / "missing.jsonl") is None

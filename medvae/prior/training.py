@@ -289,4 +289,20 @@ def train_prior_from_cli(model_dir: str, config_path: str | None, overrides: lis
         print(f"medvae: diffusion prior  {result.run_dir / 'export'} (use: medvae generate --model {model_dir} "
               f"--prior diffusion)")
         print(f"medvae: events log       {result.run_dir / 'events.jsonl'}")
+        warning = copy_probe_warning(result.run_dir / "metrics.jsonl")
+        if warning:
+            print(warning)
         print(json.dumps({"step": result.step}))
+
+
+def copy_probe_warning(metrics_file: Path) -> str | None:
+    """One line when the run's last copy probe flagged samples (metrics.jsonl), else None."""
+    if not metrics_file.is_file():
+        return None
+    probes = [row for row in map(json.loads, metrics_file.read_text().splitlines()) if "val/copy_flagged_fraction" in row]
+    flagged = [row["step"] for row in probes if row["val/copy_flagged_fraction"] > 0]
+    if not probes or probes[-1]["val/copy_flagged_fraction"] == 0:
+        return None
+    return (f"medvae: warning: the prior reproduces training volumes: at step {probes[-1]['step']}, "
+            f"{probes[-1]['val/copy_flagged_fraction']:.0%} of the copy probe's samples were near-copies "
+            f"(first flagged at step {flagged[0]}); train fewer steps or on more volumes before sharing samples")
