@@ -296,3 +296,43 @@ def test_train_prior_warns_when_its_last_copy_probe_flagged(tmp_path):
     metrics.write_text("".join(json.dumps(row) + "\n" for row in rows[:2]))  # never flagged
     assert copy_probe_warning(metrics) is None
     assert copy_probe_warning(tmp_path / "missing.jsonl") is None
+
+
+def test_export_weights_lowest_val_loss_exports_the_best_validation(trained, tmp_path):
+    """diffusion.export_weights=lowest_val_loss: the prior folder gets the weights of the validation
+    with the lowest held-out loss (kept in the run folder as best_val.*), not the last ones."""
+    from medvae.prior.training import BEST_RECORD, BEST_WEIGHTS
+
+    root, model = trained
+    held = tmp_path / "held"
+    held.mkdir()
+    for path in write_ct_phantoms(tmp_path / "more", count=8, shape=(16, 16, 16))[6:]:  # two scans not in training
+        shutil.copy(path, held / path.name)
+    run = tmp_path / "best"
+    train_tiny_prior(model, root / "ct", run, "train.max_steps=3", "train.checkpoint_every=3", "train.val_every=1",
+                     f"latents.val={held}", "diffusion.export_weights=lowest_val_loss", "train.lr=0.05",
+                     "train.ema_decay=null", "train.guard.enabled=false", "diffusion.copy_probe=0")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["val/diffusion_loss"] for row in rows if "val/diffusion_loss" in row}
+    best_step = min(losses, key=losses.get)
+    assert sorted(losses) == [1, 2, 3] and best_step < 3  # the high LR makes the last step not the best
+    assert json.loads((run / BEST_RECORD).read_text()) == {"step": best_step, "val_diffusion_loss": losses[best_step]}
+    config = json.loads((run / "export" / "config.json").read_text())
+    assert config["exported_weights"] == {"kind": "lowest_val_loss", "step": best_step,
+                                          "val_diffusion_loss": losses[best_step]}
+    exported = load_file(run / "export" / "diffusion_prior.safetensors")
+    best = load_file(run / BEST_WEIGHTS)
+    last = load_file(run / "checkpoints" / "step_000003" / "model.safetensors")
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in best)
+    assert not all(torch.equal(exported[k], last[k]) for k in best)  # not the last weights
+
+
+@pytest.mark.parametrize("setting", ["no_heldout", "no_validation"])
+def test_export_weights_lowest_val_loss_without_validation_is_refused_before_the_run_folder(trained, tmp_path, setting):
+    root, model = trained
+    run = tmp_path / "run"
+    extra = ["diffusion.export_weights=lowest_val_loss"] + (["train.val_every=0"] if setting == "no_validation" else [])
+    result = CliRunner().invoke(cli, ["train-prior", "--model", str(model), *prior_overrides(root / "ct", run, *extra)])
+    assert result.exit_code == 1
+    assert_one_line_error(result, "export_weights=lowest_val_loss", "latents.val" if setting == "no_heldout" else "val_every")
+    assert not run.exists()

@@ -62,6 +62,10 @@ class DiffusionConfig:
     # (events.jsonl, wandb alert). A prior trained long on few volumes starts reproducing them. 0: off.
     copy_probe: int = 4
     copy_probe_steps: int = 20
+    # Which weights the prior folder gets: "last" (the EMA weights at max_steps) or "lowest_val_loss"
+    # (the validation with the lowest held-out diffusion loss; kept in the run folder as best_val.*,
+    # so resume keeps it). On few volumes the held-out loss turns up before the copy probe flags.
+    export_weights: str = "last"
 
     def __post_init__(self) -> None:
         _choice("diffusion", "scheduler", self.scheduler, ("rflow", "ddpm"))
@@ -83,6 +87,7 @@ class DiffusionConfig:
         for name in ("sampling_steps", "copy_probe_steps"):
             if not 1 <= getattr(self, name) <= self.num_train_timesteps:
                 raise ConfigError(f"diffusion.{name}: must be in 1..{self.num_train_timesteps}")
+        _choice("diffusion", "export_weights", self.export_weights, ("last", "lowest_val_loss"))
         if self.copy_probe < 0:
             raise ConfigError(f"diffusion.copy_probe: must be >= 0 (0: off), got {self.copy_probe}")
 

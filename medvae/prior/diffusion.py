@@ -229,7 +229,8 @@ class DiffusionPrior:
 
     def describe(self) -> dict[str, Any]:
         """What generation.json records about the prior."""
-        keep = ("latent_shape", "scale", "scale_factor", "scheduler", "conditions", "model_hash", "step", "copy_check")
+        keep = ("latent_shape", "scale", "scale_factor", "scheduler", "conditions", "model_hash", "step", "copy_check",
+                "exported_weights")
         return {"kind": "diffusion", "directory": str(self.directory) if self.directory else None,
                 **{k: self.config[k] for k in keep if k in self.config}}
 

@@ -39,6 +39,7 @@ from medvae.train.task import TrainingTask
 MODALITIES = ["CT", "MR"]  # the one-hot vocabulary of the modality condition (fixed: the context size must not depend on data)
 TRAIN_CACHE = "latents_train.safetensors"
 VAL_CACHE = "latents_val.safetensors"
+BEST_WEIGHTS, BEST_RECORD = "best_val.safetensors", "best_val.json"  # diffusion.export_weights=lowest_val_loss
 COPY_PROBE_SEED = 7_000_000  # the copy probe's samples use fixed seeds: comparable from one validation to the next
 
 
@@ -107,6 +108,9 @@ class DiffusionPriorTask(TrainingTask):
         self.shift, self.scale = torch.zeros(0), torch.ones(0)
         self.inferer = None
         self.copy_settings: dict[str, Any] | None = None  # the copy check's threshold, once the latents are in
+        self.items = prior_datalists(config, self.vae.config)  # (training, held-out) datalist items
+        if config.diffusion.export_weights == "lowest_val_loss" and not self.items[1]:
+            raise ValueError("diffusion.export_weights=lowest_val_loss: needs held-out volumes (latents.val)")
 
     def build_model(self) -> torch.nn.Module:
         return build_unet(self.unet_args)
@@ -131,7 +135,7 @@ class DiffusionPriorTask(TrainingTask):
         from medvae.prior.sampling import copy_check_settings
 
         state = PartialState()
-        train_items, val_items = prior_datalists(self.config, self.vae.config)
+        train_items, val_items = self.items
         if state.is_main_process:
             train = self._encode(train_items, run_dir / TRAIN_CACHE, None)
             if val_items:
@@ -181,6 +185,8 @@ class DiffusionPriorTask(TrainingTask):
                                                       d.scheduler, d.num_train_timesteps, 0.0, generator,
                                                       d.timestep_sampling)))
                 scores["val/diffusion_loss"] = sum(losses) / len(losses)
+                if d.export_weights == "lowest_val_loss" and accelerator.is_main_process:
+                    self._keep_if_best(model, run_dir, step, scores["val/diffusion_loss"])
             scores.update(self._copy_probe(model, accelerator.device, step, tracker))
         model.train()
         return scores
@@ -210,6 +216,22 @@ class DiffusionPriorTask(TrainingTask):
         return {"val/copy_flagged_fraction": flagged / d.copy_probe,
                 "val/copy_nearest_distance": float(distances.min()), "val/copy_threshold": threshold}
 
+    @staticmethod
+    def _keep_if_best(model, run_dir: Path, step: int, loss: float) -> None:
+        """Write the weights to the run folder when their held-out loss is the lowest so far (atomic)."""
+        from safetensors.torch import save_file
+
+        from medvae.atomic import atomic_file
+
+        record = run_dir / BEST_RECORD
+        if record.is_file() and json.loads(record.read_text())["val_diffusion_loss"] <= loss:
+            return
+        state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+        with atomic_file(run_dir / BEST_WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        with atomic_file(record) as tmp:  # after the weights: a record never names weights not yet written
+            tmp.write_text(json.dumps({"step": int(step), "val_diffusion_loss": float(loss)}) + "\n")
+
     def _heldout_latents(self) -> torch.Tensor | None:
         val = self.val_latents
         return val.latents if val is not None and len(val.ids) else None
@@ -238,6 +260,15 @@ class DiffusionPriorTask(TrainingTask):
         from medvae.prior.sampling import copy_check_settings
 
         config = self._description(copy_check_settings(self.train_latents.latents, self._heldout_latents()))
+        if self.config.diffusion.export_weights == "lowest_val_loss":
+            from safetensors.torch import load_file
+
+            best = json.loads((run_dir / BEST_RECORD).read_text())
+            model = build_unet(self.unet_args)
+            model.load_state_dict(load_file(run_dir / BEST_WEIGHTS))
+            config["exported_weights"] = {"kind": "lowest_val_loss", **best}
+            print(f"medvae: the prior folder gets the weights of step {best['step']} "
+                  f"(lowest held-out diffusion loss, {best['val_diffusion_loss']:.4g})", flush=True)
         save_diffusion_prior(run_dir / "export", model, config, self.train_latents.latents)
 
 
@@ -255,9 +286,11 @@ def _plain(config: PriorConfig) -> dict:
 
 def load_prior_config(config_path: str | None, overrides: list[str], model_dir: str) -> PriorConfig:
     """PriorConfig from defaults, the YAML file, the overrides and ``--model`` (train.output_dir defaults to <model>/prior)."""
-    from medvae.config import load_config
+    from medvae.config import ConfigError, load_config
 
     config = load_config(config_path, [*overrides, f"model={model_dir}"], schema=PriorConfig)
+    if config.diffusion.export_weights == "lowest_val_loss" and not config.train.val_every:
+        raise ConfigError("diffusion.export_weights=lowest_val_loss: needs train.val_every > 0")
     if not config.train.output_dir:
         config.train.output_dir = default_output_dir(model_dir)
     return config
