@@ -105,8 +105,8 @@ def noise_level(volume: np.ndarray) -> float:
     array = np.asarray(volume, dtype=np.float32)
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
-    if array.ndim != 3 or min(array.shape) < 3:
-        raise ValueError(f"noise_level needs a 3-D volume of at least 3 voxels a side, got shape {array.shape}")
+    if array.ndim != 3:
+        raise ValueError(f"noise_level needs a 3-D volume, got shape {array.shape}")
     laplacian = ndimage.laplace(array, mode="nearest")
     deviation = np.abs(laplacian - np.median(laplacian))
     return float(MAD_TO_STD * np.median(deviation) / LAPLACIAN_NOISE_GAIN)

@@ -194,7 +194,7 @@ class DiffusionPriorTask(TrainingTask):
     def _copy_probe(self, model, device, step: int, tracker) -> dict[str, float]:
         """Sample ``copy_probe`` latents from ``model`` and judge them as generate's copy check does."""
         from medvae.prior.diffusion import DiffusionPrior
-        from medvae.prior.quality import nearest_distances
+        from medvae.prior.quality import copy_check, nearest_distances
         from medvae.train.guard import GuardEvent
 
         d, train = self.config.diffusion, self.train_latents
@@ -209,7 +209,7 @@ class DiffusionPriorTask(TrainingTask):
                                         conditions=conditions or None, device=device)[0])
         distances = nearest_distances(torch.stack(samples), train.latents)
         threshold = float(settings["threshold"])
-        flagged = int((distances < threshold).sum())
+        flagged = sum(copy_check(distances, threshold)["flagged"])  # generate's verdict, on the probe's samples
         if flagged:
             tracker.event(GuardEvent(step=step, kind="copy_risk", action="record", values={
                 "flagged": flagged, "probed": d.copy_probe, "nearest": float(distances.min()), "threshold": threshold}))
