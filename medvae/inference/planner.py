@@ -9,8 +9,14 @@ statistics of its whole input, which costs one extra streaming pass from the seg
 ``plan_volume`` finds the cheapest plan (fewest conv flops, by dynamic programming over the cut
 positions and the tile shape of every pass) whose estimated peak fits the budget.
 
+With a spill folder (``spill=True``), a full tensor at a cut may instead live in a temporary file
+there (``medvae.inference.spill``): it then costs no memory, but every pass that writes or reads
+it moves its bytes through the file, charged at ``SPILL_BYTE_FLOPS`` conv-flop equivalents per
+byte. Where the budget cannot hold the full-resolution tensors, that turns the statistics passes
+(recomputing the chain from a coarse source) into one write and one read per tensor.
+
 Memory model (bytes): the full tensors alive during a pass (its source unless that is the
-caller's input, and its output), plus the largest set of tiles alive at once while one tile runs
+caller's input or spilled, and its output unless spilled), plus the largest set of tiles alive at once while one tile runs
 through the steps (input, zero-padded copy, output, oneDNN/cuDNN workspace, the residual block's
 input). Elements count as float32. ``estimate_one_pass_bytes`` models the model's own forward.
 The estimates were checked against measured peaks (benchmarks/inference_memory.py).
@@ -37,7 +43,13 @@ TILE_STEP_OVERHEAD_FLOPS = {"cpu": 2e7, "cuda": 2e9}
 # model's own one-pass forward took up to 9% and 16% more than the tensor count.
 SAFETY_FACTOR = {"cpu": 1.1, "cuda": 1.25}
 ONE_PASS_SAFETY_FACTOR = {"cpu": 1.1, "cuda": 1.4}
-SAFETY_BYTES = 32 * 2**20  # first-use oneDNN kernels and scratch, Python objects
+SAFETY_BYTES = 32 * 2**20
+# Moving one byte to or from a spill file, in conv-flop equivalents (the planner's exchange rate).
+# CPU: this 2-core machine ran ~100 GFLOP/s of conv3d and read/wrote its disk at 0.4-8 GB/s
+# (page cache to a fresh virtual disk): 100 flops per byte. CUDA: a spilled tile goes file -> host
+# -> device; taken as ~10 GB/s against ~30 TFLOP/s, an estimate, not a measurement.
+SPILL_BYTE_FLOPS = {"cpu": 100.0, "cuda": 3000.0}
+SPILL_CALL_FLOPS = {"cpu": 4e5, "cuda": 1e8}  # per read or write call (~4 us measured here)  # first-use oneDNN kernels and scratch, Python objects
 TILE_EDGES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -52,6 +64,9 @@ class Pass:
     flops: float
     peak_bytes: int
     tiles: int = 1
+    spill_output: bool = False  # T_stop goes to a spill file (produce only)
+    spill_bytes: int = 0  # bytes read from and written to spill files
+    cost: float = 0.0  # flops + spill traffic in flop equivalents: what the planner minimises
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,12 @@ class Plan:
     peak_bytes: int
     flops: float
     one_pass: bool = False
+    spill_file_bytes: int = 0  # the most bytes held in spill files at once
+
+    @property
+    def spill_bytes(self) -> int:
+        """Bytes moved through spill files in all passes."""
+        return sum(p.spill_bytes for p in self.passes)
 
     @property
     def tiles(self) -> int:
@@ -72,8 +93,10 @@ class Plan:
 class Geometry:
     """Shapes and channels of every tensor T_0..T_n for one input shape."""
 
-    def __init__(self, steps: list[Step], batch: int, shape: tuple[int, int, int], channels_last: bool, device_type: str = "cpu"):
+    def __init__(self, steps: list[Step], batch: int, shape: tuple[int, int, int], channels_last: bool,
+                 device_type: str = "cpu", spill: bool = False):
         self.steps = steps
+        self.spill = spill  # a spill folder is available: cut tensors may live in files
         self.batch = batch
         self.channels_last = channels_last
         self.device_type = device_type
@@ -196,6 +219,26 @@ class Geometry:
         return flops, max(work, 2 * tile_in)
 
 
+    def spill_traffic(self, start: int, stop: int, tile: tuple[int, int, int], read: bool, write: bool) -> tuple[int, int]:
+        """(bytes, calls) of a pass that reads its source tiles from a spill file and/or writes its
+        output tiles to one. A file keeps (B, D, H, W, C) order: a tile is one call per batch item
+        when it spans H and W, one per D plane when it spans W, else one per row."""
+        b, e = self.batch, ELEMENT_BYTES
+        n_tiles = math.prod(math.ceil(self.shapes[stop][a] / tile[a]) for a in range(3))
+        full_h, full_w = (tile[a] >= self.shapes[stop][a] for a in (1, 2))
+        nbytes, calls = 0, 0
+        if read:
+            extents = [self.axis_extents(stop, axis, tile[axis])[start] for axis in range(3)]
+            nbytes += b * self.channels[start] * math.prod(total for total, _ in extents) * e
+            d, h = extents[0][1], extents[1][1]
+            calls += n_tiles * b * (1 if full_h and full_w else d if full_w else d * h)
+        if write:
+            nbytes += self.full_bytes(stop)
+            d, h = (min(tile[a], self.shapes[stop][a]) for a in (0, 1))
+            calls += n_tiles * b * (1 if full_h and full_w else d if full_w else d * h)
+        return nbytes, calls
+
+
 def _whole_step_bytes(geometry: Geometry, index: int) -> int:
     """Working memory of a module run on the whole tensor (self-attention): about 8 full tensors
     (normalised input, q, k, v, output, projection) plus 2.5 x heads x tokens^2 attention scores
@@ -220,75 +263,96 @@ def _tile_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     return sorted(out)
 
 
-def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget: float) -> Pass | None:
-    """The fewest-flops tiling of the pass that fits ``budget``; the smallest one if budget is inf."""
-    fixed = (geometry.full_bytes(start) if start > 0 else 0) + (geometry.full_bytes(stop) if produce else 0)
+def _best_pass(geometry: Geometry, start: int, stop: int, produce: bool, budget: float,
+               spilled: tuple[bool, bool] = (False, False)) -> Pass | None:
+    """The cheapest tiling of the pass that fits ``budget``; the smallest one if budget is inf.
+    ``spilled``: (T_start is read from a spill file, T_stop is written to one)."""
+    read, write = spilled[0], produce and spilled[1]
+    fixed = (geometry.full_bytes(start) if start > 0 and not read else 0)
+    fixed += geometry.full_bytes(stop) if produce and not write else 0
+    byte_flops = SPILL_BYTE_FLOPS.get(geometry.device_type, SPILL_BYTE_FLOPS["cuda"])
+    call_flops = SPILL_CALL_FLOPS.get(geometry.device_type, SPILL_CALL_FLOPS["cuda"])
     fitting = []
     for tile in _tile_shapes(geometry.shapes[stop]):
         flops, work = geometry.pass_cost(start, stop, tile)
         peak = geometry.with_margin(fixed + work)
         if peak <= budget:
             tiles = math.prod(math.ceil(n / t) for n, t in zip(geometry.shapes[stop], tile))
-            fitting.append(Pass(start, stop, tile, produce, flops, peak, tiles))
+            nbytes, calls = geometry.spill_traffic(start, stop, tile, read, write) if read or write else (0, 0)
+            cost = flops + byte_flops * nbytes + call_flops * calls
+            fitting.append(Pass(start, stop, tile, produce, flops, peak, tiles, write, nbytes, cost))
     if not fitting:
         return None
     if budget == math.inf:
-        return min(fitting, key=lambda p: (p.peak_bytes, p.flops))
-    return min(fitting, key=lambda p: (p.flops, -p.peak_bytes))  # ties: the larger tiles
+        return min(fitting, key=lambda p: (p.peak_bytes, p.cost))
+    return min(fitting, key=lambda p: (p.cost, -p.peak_bytes))  # ties: the larger tiles
 
 
-def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass) -> list[Pass] | None:
-    """Passes that take T_start to a full T_stop, or None if a WholeStep is in the way or none fits."""
+def _segment(geometry: Geometry, start: int, stop: int, budget: float, best_pass,
+             spilled: tuple[bool, bool] = (False, False)) -> list[Pass] | None:
+    """Passes that take T_start to a full T_stop, or None if a WholeStep is in the way or none fits.
+    ``spilled``: (T_start is in a spill file, T_stop goes to one)."""
     steps = geometry.steps
     if any(isinstance(s, WholeStep) for s in steps[start:stop]):
-        if stop - start != 1:
+        if stop - start != 1 or any(spilled):
             return None
         fixed = (geometry.full_bytes(start) if start > 0 else 0) + geometry.full_bytes(stop)
         work = _whole_step_bytes(geometry, start)
         peak = geometry.with_margin(fixed + work)
         return [Pass(start, stop, (0, 0, 0), True, 0.0, peak)] if peak <= budget else None
     passes = []
+    source = (spilled[0], False)
     if isinstance(steps[start], NormStep) and (start == 0 or isinstance(steps[start - 1], WholeStep)):
-        passes.append(best_pass(start, start, False))  # statistics of T_start itself
+        passes.append(best_pass(start, start, False, source))  # statistics of T_start itself
     for k in range(start + 1, stop):
         if isinstance(steps[k], NormStep):
-            passes.append(best_pass(start, k, False))
-    passes.append(best_pass(start, stop, True))
+            passes.append(best_pass(start, k, False, source))
+    passes.append(best_pass(start, stop, True, spilled))
     return None if any(p is None for p in passes) else passes
 
 
 def _search(geometry: Geometry, budget: float) -> Plan | None:
-    """Dynamic programme over cut positions: fewest flops under ``budget``, or the smallest peak
-    when ``budget`` is inf."""
+    """Dynamic programme over cut positions (and, with a spill folder, where each cut tensor lives):
+    the least cost under ``budget``, or the smallest peak when ``budget`` is inf."""
     n = len(geometry.steps)
     cuts = [p for p in range(n + 1) if geometry.can_cut(p)]
-    memo: dict[tuple[int, int, bool], Pass | None] = {}
+    memo: dict[tuple, Pass | None] = {}
 
-    def best_pass(start: int, stop: int, produce: bool) -> Pass | None:
-        if (start, stop, produce) not in memo:
-            memo[start, stop, produce] = _best_pass(geometry, start, stop, produce, budget)
-        return memo[start, stop, produce]
+    def best_pass(start: int, stop: int, produce: bool, spilled: tuple[bool, bool]) -> Pass | None:
+        key = (start, stop, produce, spilled)
+        if key not in memo:
+            memo[key] = _best_pass(geometry, start, stop, produce, budget, spilled)
+        return memo[key]
 
-    def rank(entry: tuple[float, int, list[Pass]]) -> tuple[float, float]:
-        flops, peak, _ = entry
-        return (peak, flops) if budget == math.inf else (flops, peak)
+    def rank(entry) -> tuple[float, float]:
+        cost, peak, _, _ = entry
+        return (peak, cost) if budget == math.inf else (cost, peak)
 
-    best: dict[int, tuple[float, int, list[Pass]]] = {0: (0.0, 0, [])}
+    def kinds(position: int) -> tuple[bool, ...]:
+        """Where T_position may live: in memory, or (not the input or output) in a spill file."""
+        return (False, True) if geometry.spill and 0 < position < n else (False,)
+
+    # (position, in a spill file) -> (cost, peak, spill file bytes at once, passes)
+    best: dict[tuple[int, bool], tuple[float, int, int, list[Pass]]] = {(0, False): (0.0, 0, 0, [])}
     for stop in cuts[1:]:
-        for start in cuts:
-            if start >= stop or start not in best:
-                continue
-            passes = _segment(geometry, start, stop, budget, best_pass)
-            if passes is None:
-                continue
-            flops, peak, before = best[start]
-            entry = (flops + sum(p.flops for p in passes), max([peak] + [p.peak_bytes for p in passes]), before + passes)
-            if stop not in best or rank(entry) < rank(best[stop]):
-                best[stop] = entry
-    if n not in best:
+        for stop_spilled in kinds(stop):
+            for start in cuts:
+                for start_spilled in kinds(start):
+                    if start >= stop or (start, start_spilled) not in best:
+                        continue
+                    passes = _segment(geometry, start, stop, budget, best_pass, (start_spilled, stop_spilled))
+                    if passes is None:
+                        continue
+                    cost, peak, files, before = best[start, start_spilled]
+                    held = (geometry.full_bytes(start) if start_spilled else 0) + (geometry.full_bytes(stop) if stop_spilled else 0)
+                    entry = (cost + sum(p.cost for p in passes), max([peak] + [p.peak_bytes for p in passes]),
+                             max(files, held), before + passes)
+                    if (stop, stop_spilled) not in best or rank(entry) < rank(best[stop, stop_spilled]):
+                        best[stop, stop_spilled] = entry
+    if (n, False) not in best:
         return None
-    flops, peak, passes = best[n]
-    return Plan(tuple(passes), peak, flops)
+    _, peak, files, passes = best[n, False]
+    return Plan(tuple(passes), peak, sum(p.flops for p in passes), spill_file_bytes=files)
 
 
 def estimate_one_pass_bytes(geometry: Geometry) -> int:
@@ -333,7 +397,8 @@ def estimate_one_pass_bytes(geometry: Geometry) -> int:
 
 def plan_volume(geometry: Geometry, budget: float, allow_one_pass: bool = True, what: str = "plan_volume") -> Plan:
     """The fastest plan whose estimated peak fits ``budget`` bytes: the model's own forward if that
-    fits (and ``allow_one_pass``), else the fewest-flops tiled plan. ValueError naming the minimum."""
+    fits (and ``allow_one_pass``), else the cheapest tiled plan (conv flops plus, where
+    ``geometry.spill``, spill traffic). ValueError naming the minimum."""
     one_pass = estimate_one_pass_bytes(geometry)
     if allow_one_pass and one_pass <= budget:
         return Plan((), one_pass, 0.0, one_pass=True)

@@ -3,8 +3,10 @@
 ``encode_volume`` / ``decode_volume`` run the model directly when its one-pass peak fits the budget;
 otherwise they split the network into streamed passes (``medvae.inference.planner``) whose
 convolutions see exactly the voxels they would see in one pass and whose GroupNorms use the
-statistics of the whole volume. No seams, no per-tile statistics, no blending. The model's
-parameter-free shortcut (``model.shortcut``) needs only the full input and the full result, so both
+statistics of the whole volume. No seams, no per-tile statistics, no blending. With ``spill_dir``,
+the plan may keep full-resolution tensors in temporary files there instead of recomputing them
+(``medvae.inference.spill``): fewer convolutions under a small budget, at the cost of disk
+traffic. The model's parameter-free shortcut (``model.shortcut``) needs only the full input and the full result, so both
 paths apply it with the model's own ``posterior`` / ``output`` methods (in place here).
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from medvae.inference.planner import Geometry, Plan, plan_volume
+from medvae.inference.spill import check_free_space
 from medvae.inference.steps import network_steps
 from medvae.inference.streaming import run_plan
 from medvae.models.posterior import DiagonalGaussian
@@ -45,15 +48,17 @@ def _memory_format(model: VAE3D) -> torch.memory_format:
     return torch.channels_last_3d if getattr(model.arch, "channels_last", False) else torch.contiguous_format
 
 
-def model_geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None) -> Geometry:
+def model_geometry(model: VAE3D, part: str, shape: tuple[int, ...], device: torch.device | None = None,
+                   spill: bool = False) -> Geometry:
     """Steps, tensor shapes and channels of ``model.encoder`` (``part="encoder"``) or ``model.decoder``
     for an input of ``shape`` (B, C, D, H, W); the argument of ``estimate_one_pass_bytes`` and
-    ``minimum_bytes``. ``device`` (default: the model's) picks the memory model."""
+    ``minimum_bytes``. ``device`` (default: the model's) picks the memory model; ``spill`` lets plans
+    keep cut tensors in spill files."""
     net = getattr(model, part)
     channels_last = _memory_format(model) == torch.channels_last_3d
     steps = network_steps(net, shape[1])
     device = device or next(model.parameters()).device
-    return Geometry(steps, shape[0], tuple(shape[2:]), channels_last, device.type)
+    return Geometry(steps, shape[0], tuple(shape[2:]), channels_last, device.type, spill)
 
 
 def _check_volume(x: torch.Tensor, channels: int, what: str, multiple: int) -> None:
@@ -88,23 +93,27 @@ def _inference(model: VAE3D) -> Iterator[None]:
         model.train(was_training)
 
 
-def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None) -> Plan:
+def plan_encode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None,
+                spill_dir: str | os.PathLike | None = None) -> Plan:
     """The plan ``encode_volume`` would use for an input of ``shape`` (B, C, D, H, W).
 
     ``plan.peak_bytes`` is the estimated peak of extra memory (intermediate tensors, tiles and
-    the returned moments; not the input or the weights).
+    the returned moments; not the input or the weights); ``plan.spill_file_bytes`` the most disk
+    its spill files take at once.
     """
-    geometry = model_geometry(model, "encoder", tuple(shape))
+    geometry = model_geometry(model, "encoder", tuple(shape), spill=spill_dir is not None)
     return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
-def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None) -> Plan:
+def plan_decode(model: VAE3D, shape: tuple[int, ...], memory_budget: int | None = None,
+                spill_dir: str | os.PathLike | None = None) -> Plan:
     """The plan ``decode_volume`` would use for a latent of ``shape`` (B, latent_channels, d, h, w)."""
-    geometry = model_geometry(model, "decoder", tuple(shape))
+    geometry = model_geometry(model, "decoder", tuple(shape), spill=spill_dir is not None)
     return plan_volume(geometry, _budget(memory_budget, next(model.parameters()).device))
 
 
-def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None) -> DiagonalGaussian:
+def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None,
+                  spill_dir: str | os.PathLike | None = None) -> DiagonalGaussian:
     """Posterior of a whole volume, with peak extra memory under ``memory_budget`` bytes.
 
     Args:
@@ -113,40 +122,48 @@ def encode_volume(model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = 
             ``model.downsampling_factor`` (see ``pad_to_multiple``).
         memory_budget: bytes for intermediate tensors, tiles and the result (not ``x`` or the
             weights). None: 80% of the memory free on ``x``'s device.
+        spill_dir: an existing folder on a disk (not tmpfs) where the plan may keep full tensors
+            in temporary files, deleted when the call ends. None: everything stays in memory.
     Returns:
         DiagonalGaussian over (B, latent_channels, D/f, H/f, W/f), float32; equal to
         ``model.encode(x)`` to float rounding. Autocast, if the caller enabled it, applies.
     Raises:
-        ValueError: a bad shape, or a budget below the smallest possible plan (the message names it).
+        ValueError: a bad shape, a budget below the smallest possible plan (the message names it), or
+            a spill folder that is missing or lacks the space the plan needs.
     """
     _check_volume(x, model.arch.in_channels, "encode_volume", model.downsampling_factor)
-    geometry = model_geometry(model, "encoder", tuple(x.shape), x.device)
+    if spill_dir is not None:
+        check_free_space(spill_dir, 0)
+    geometry = model_geometry(model, "encoder", tuple(x.shape), x.device, spill=spill_dir is not None)
     plan = plan_volume(geometry, _budget(memory_budget, x.device), what="encode_volume")
     with _inference(model):
         if plan.one_pass:
             return model.encode(x)
-        moments = run_plan(geometry, plan, x, _memory_format(model))
+        moments = run_plan(geometry, plan, x, _memory_format(model), spill_dir)
         return model.posterior(moments, x, inplace=True)
 
 
 def encode_latent(
     model: VAE3D, x: torch.Tensor, *, memory_budget: int | None = None, sample: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, spill_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Latent (B, latent_channels, D/f, H/f, W/f): the posterior mean, or a sample if ``sample``."""
-    posterior = encode_volume(model, x, memory_budget=memory_budget)
+    posterior = encode_volume(model, x, memory_budget=memory_budget, spill_dir=spill_dir)
     return posterior.sample(generator) if sample else posterior.mode()
 
 
-def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = None) -> torch.Tensor:
+def decode_volume(model: VAE3D, z: torch.Tensor, *, memory_budget: int | None = None,
+                  spill_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """Voxels (B, out_channels, d*f, h*f, w*f) from a latent (B, latent_channels, d, h, w), float32.
 
     Same budget semantics and guarantees as ``encode_volume``; equal to ``model.decode(z)``.
     """
     _check_volume(z, model.arch.latent_channels, "decode_volume", 1)
-    geometry = model_geometry(model, "decoder", tuple(z.shape), z.device)
+    if spill_dir is not None:
+        check_free_space(spill_dir, 0)
+    geometry = model_geometry(model, "decoder", tuple(z.shape), z.device, spill=spill_dir is not None)
     plan = plan_volume(geometry, _budget(memory_budget, z.device), what="decode_volume")
     with _inference(model):
         if plan.one_pass:
             return model.decode(z)
-        return model.output(run_plan(geometry, plan, z, _memory_format(model)), z, inplace=True)
+        return model.output(run_plan(geometry, plan, z, _memory_format(model), spill_dir), z, inplace=True)
